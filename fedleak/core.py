@@ -1,0 +1,265 @@
+"""The fedleak contract: what a curious server holds, and one small protocol per plugin kind.
+
+Threat model.  A server (honest-but-curious, or malicious when it runs model *modifiers*) sends a
+global model to sampled clients and receives their updated models.  Everything an attack may use
+about one client after one round is a :class:`ServerView`.  Ground truth (the examples a client
+trained on) is a :class:`Batch` that only metrics ever see; it never appears in a view.
+
+Every plugin is a dataclass registered by name (see :mod:`fedleak.registry`); its fields are its
+options.  No base classes: a plugin only has to match its protocol below.
+
+* :class:`Attack`          — server side, ``view -> Reconstruction``.
+* :class:`UpdateDefense`   — client side, transforms the update a client sends.
+* :class:`TrainingDefense` — client side, changes how a client trains (DP-SGD, dropout, ...).
+* :class:`Trainer`         — client side, the local training procedure.
+* :class:`ModelModifier`   — server side, transforms the global model before it is sent.
+* :class:`DataSource`, :class:`Partitioner`, :class:`ModelSpec` — the task, its data, the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]  # state_dict-style: name -> tensor
+Secrets = Mapping[str, Tensor]  # what a modifier planted; only the server knows it
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Public facts about the learning task; every party knows them."""
+
+    modality: str  # "image" | "text"
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (seq_len,) for text
+    num_classes: int
+    mean: tuple[float, ...] = ()  # image normalisation, to map model inputs back to pixels
+    std: tuple[float, ...] = ()
+
+    def to_pixels(self, inputs: Tensor) -> Tensor:
+        """Undo the input normalisation and clamp to [0, 1] (images only)."""
+        if self.modality != "image":
+            raise ValueError(f"to_pixels is for images; this task's modality is {self.modality!r}")
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean or (0.0,), dtype=inputs.dtype).view(shape)
+        std = torch.tensor(self.std or (1.0,), dtype=inputs.dtype).view(shape)
+        return (inputs * std + mean).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Examples a client actually trained on: ground truth, read by metrics only."""
+
+    inputs: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What the server holds about one client after one round."""
+
+    round: int
+    client: int
+    task: Task
+    build_model: Callable[[], nn.Module]  # the architecture as sent (modifiers applied)
+    loss_fn: LossFn  # mean-reduced training loss, e.g. cross-entropy
+    sent: Params  # global state the server sent, after its modifiers
+    received: Params  # state the client sent back, after its defenses
+    num_examples: int  # examples the client reports having trained on
+    lr: float  # protocol hyper-parameters the server chose
+    local_steps: int  # optimiser steps the client reports
+    batch_size: int  # examples per local step (the last one may be smaller)
+    loss: float = float("nan")  # training loss the client reports
+    protocol: Mapping[str, Any] = field(default_factory=dict)  # trainer name and options
+    secrets: Secrets = field(default_factory=dict)  # empty for an honest server
+
+    def model(self) -> nn.Module:
+        """A fresh copy of the global model as sent; the caller may do anything with it."""
+        model = self.build_model()
+        model.load_state_dict(self.sent)
+        return model
+
+    def delta(self) -> Params:
+        """``received - sent`` for floating-point tensors (the update proper)."""
+        return {k: self.received[k] - v for k, v in self.sent.items() if v.is_floating_point()}
+
+    def gradient(self) -> Params:
+        """``-delta / (lr * local_steps)``: exact for one plain SGD step, an estimate otherwise."""
+        scale = -1.0 / (self.lr * max(self.local_steps, 1))
+        return {k: d * scale for k, d in self.delta().items()}
+
+    @classmethod
+    def from_local_step(
+        cls,
+        model: nn.Module,
+        batch: Batch,
+        task: Task,
+        *,
+        loss_fn: LossFn = nn.functional.cross_entropy,
+        lr: float = 0.1,
+    ) -> ServerView:
+        """The view after one SGD step of ``model`` on ``batch``, without any federation.
+
+        This is the FedSGD threat model in one call, for notebooks and tests::
+
+            view = ServerView.from_local_step(model, batch, task)
+            reconstruction = ATTACKS["dlg"]()(view, seeding.rng(0))
+        """
+        sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.zero_grad()
+        loss = loss_fn(model(batch.inputs), batch.labels)
+        names, params = zip(*model.named_parameters(), strict=True)
+        grads = dict(zip(names, torch.autograd.grad(loss, params), strict=True))
+        received = {k: v - lr * grads[k] if k in grads else v for k, v in sent.items()}
+        architecture = _architecture_of(model)
+        return cls(
+            round=0,
+            client=0,
+            task=task,
+            build_model=architecture,
+            loss_fn=loss_fn,
+            sent=sent,
+            received=received,
+            num_examples=len(batch),
+            lr=lr,
+            local_steps=1,
+            batch_size=len(batch),
+            loss=loss.item(),
+        )
+
+
+def _architecture_of(model: nn.Module) -> Callable[[], nn.Module]:
+    """A builder of fresh copies of ``model`` (weights are overwritten by ``view.model()``)."""
+    import copy
+
+    template = copy.deepcopy(model)
+    return lambda: copy.deepcopy(template)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """An attack's output, in the model's input space."""
+
+    inputs: Tensor  # images [B, C, H, W] (normalised like the task's inputs) | token ids [B, T]
+    labels: Tensor | None = None  # recovered labels [B], if the attack recovers them
+    info: Mapping[str, float] = field(default_factory=dict)  # e.g. final loss
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """Server side: reconstruct a client's training examples from what the server holds."""
+
+    modality: ClassVar[str]  # the task modality it applies to
+
+    def __call__(self, view: ServerView, rng: torch.Generator) -> Reconstruction:
+        """Reconstruct the client's examples; all randomness comes from ``rng``."""
+
+
+@runtime_checkable
+class UpdateDefense(Protocol):
+    """Client side: transform the update (``received - sent``) before it is sent."""
+
+    def __call__(self, delta: Params, rng: torch.Generator) -> Params:
+        """The defended update: same keys, shapes and dtypes as ``delta``."""
+
+
+@runtime_checkable
+class TrainingDefense(Protocol):
+    """Client side: change how a client trains (same shape as Opacus's ``make_private``)."""
+
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Iterable[Batch],
+        rng: torch.Generator,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]:
+        """Return the (possibly wrapped) model, optimiser and batches to train with."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a trainer reports; the update itself is the model's new state."""
+
+    loss: float  # mean training loss over the local steps
+    steps: int  # optimiser steps taken
+    batch_size: int  # examples per step
+    used: Batch  # the examples actually trained on, in first-use order (ground truth)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Client side: the local training procedure of one round."""
+
+    lr: float
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: Batch,
+        loss_fn: LossFn,
+        rng: torch.Generator,
+        defenses: tuple[TrainingDefense, ...] = (),
+    ) -> TrainResult:
+        """Train ``model`` in place for one round on ``data``."""
+
+
+@runtime_checkable
+class ModelModifier(Protocol):
+    """Server side: transform the global model before sending it (malicious or benign)."""
+
+    adversarial: ClassVar[bool]  # True: part of a malicious server's threat model
+
+    def applies_to(self, round: int) -> bool:
+        """Whether the modifier acts in ``round``."""
+
+    def architecture(self, model: nn.Module) -> nn.Module:
+        """The structurally modified model, built the same on every node."""
+
+    def __call__(self, params: Params, round: int, rng: torch.Generator) -> tuple[Params, Secrets]:
+        """The weights to send this round, and what was planted in them (server-only)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded data set: the task, the pool clients are partitioned from, and a test split."""
+
+    task: Task
+    train: Batch
+    test: Batch
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Loads a data set (from a data root, a bundled copy, or by generating it)."""
+
+    modality: ClassVar[str]
+
+    def load(self) -> Dataset:
+        """Read or generate the data."""
+
+
+@runtime_checkable
+class Partitioner(Protocol):
+    """Splits example indices among clients, from the labels alone."""
+
+    def __call__(
+        self, labels: np.ndarray, num_clients: int, rng: np.random.Generator
+    ) -> list[np.ndarray]:
+        """One array of example indices per client, disjoint."""
+
+
+@runtime_checkable
+class ModelSpec(Protocol):
+    """Builds a freshly initialised model for a task (from the global RNG; see seeding.isolated)."""
+
+    def __call__(self, task: Task) -> nn.Module:
+        """A new model for ``task``."""
