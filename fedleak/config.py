@@ -1,0 +1,392 @@
+"""Experiments as TOML files, checked completely before any training starts.
+
+One file describes one experiment: the federation (``rounds``, ``clients``,
+``clients_per_round``, ``seed``), its ``[data]``, ``[partition]``, ``[model]`` and
+``[training]``, the clients' ``[[defenses]]``, the server's ``[[modifiers]]``, which updates to
+``[observe]``, the ``[[attacks]]`` to run on them, and the ``[runner]`` that executes it.
+Every table is built through its registry, so unknown names, unknown options, wrong types and
+out-of-range values each become one :class:`~fedleak.registry.ConfigError`; cross-component
+mismatches (an image attack on text data, observing a round that never happens) too.
+
+A file may start from another with ``extends = "other.toml"`` (a path relative to it): tables
+are merged key by key, arrays of tables are replaced whole.
+
+Overrides use dotted keys, the same ones a sweep would use: ``training.lr=0.05``,
+``defenses.0.std=0.1`` (arrays of tables are indexed from 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+from torch import nn
+
+from fedleak import seeding
+from fedleak.attacks import ATTACKS
+from fedleak.core import (
+    Attack,
+    Batch,
+    Dataset,
+    DataSource,
+    ModelModifier,
+    ModelSpec,
+    Partitioner,
+    Trainer,
+    TrainingDefense,
+    UpdateDefense,
+)
+from fedleak.data import DATASETS, PARTITIONS
+from fedleak.defenses import DEFENSES
+from fedleak.models import MODELS
+from fedleak.modifiers import MODIFIERS
+from fedleak.registry import ConfigError, Registry, construct, suggest
+from fedleak.training import TRAINERS
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The top-level scalars of an experiment file."""
+
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 0  # every random stream derives from it (seeding.rng)
+    rounds: int = 1
+    clients: int = 2  # virtual clients (partitions)
+    clients_per_round: int = 2  # sampled each round without replacement
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.clients < 1:
+            raise ValueError(f"clients must be >= 1, got {self.clients}")
+        if not 1 <= self.clients_per_round <= self.clients:
+            raise ValueError(
+                f"clients_per_round must be in 1..clients={self.clients}, "
+                f"got {self.clients_per_round}"
+            )
+
+
+@dataclass(frozen=True)
+class Observe:
+    """Which updates the server records for attacks."""
+
+    rounds: tuple[int, ...] = (1,)  # rounds to record; empty = every round
+    clients_per_round: int = 0  # record the first N sampled clients (by index); 0 = all
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round < 0:
+            raise ValueError(f"clients_per_round must be >= 0, got {self.clients_per_round}")
+
+    def round(self, r: int) -> bool:
+        """Whether round ``r`` is observed."""
+        return not self.rounds or r in self.rounds
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How the federation is executed; the options are checked by fedleak.sim.runners."""
+
+    name: str = "local"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+_TABLES: dict[str, Registry[Any]] = {
+    "data": DATASETS,
+    "partition": PARTITIONS,
+    "model": MODELS,
+    "training": TRAINERS,
+}
+_ARRAYS: dict[str, Registry[Any]] = {
+    "defenses": DEFENSES,
+    "modifiers": MODIFIERS,
+    "attacks": ATTACKS,
+}
+_DEFAULTS = {"partition": {"name": "iid"}, "training": {"name": "sgd"}}
+_TOP = [f.name for f in dataclasses.fields(Federation)] + [*_TABLES, *_ARRAYS, "observe", "runner"]
+
+
+@dataclass
+class Experiment:
+    """A loaded, validated experiment: real plugin objects plus the resolved config."""
+
+    federation: Federation
+    data: DataSource
+    partition: Partitioner
+    model: ModelSpec
+    trainer: Trainer
+    defenses: tuple[UpdateDefense | TrainingDefense, ...]
+    modifiers: tuple[ModelModifier, ...]
+    attacks: tuple[Attack, ...]
+    observe: Observe
+    runner: Runner
+    resolved: dict[str, Any]  # every option, defaults included: what config.toml records
+
+    loss_fn = staticmethod(nn.functional.cross_entropy)  # classification tasks throughout
+
+    @property
+    def seed(self) -> int:
+        """The experiment seed."""
+        return self.federation.seed
+
+    def toml(self) -> str:
+        """The resolved experiment as TOML text (reloads to an identical experiment)."""
+        return tomli_w.dumps(self.resolved)
+
+    @property
+    def update_defenses(self) -> tuple[UpdateDefense, ...]:
+        """Defenses that transform the update, in config order."""
+        return tuple(d for d in self.defenses if not hasattr(d, "wrap"))
+
+    @property
+    def training_defenses(self) -> tuple[TrainingDefense, ...]:
+        """Defenses that change local training, in config order."""
+        return tuple(d for d in self.defenses if hasattr(d, "wrap"))
+
+    def dataset(self) -> Dataset:
+        """The loaded data set (cached per process: every client of a process shares it)."""
+        key = repr(self.data)
+        if key not in _DATASET_CACHE:
+            _DATASET_CACHE[key] = self.data.load()
+        return _DATASET_CACHE[key]
+
+    def partitions(self) -> list[torch.Tensor]:
+        """Each client's example indices into the training pool (deterministic in the seed)."""
+        key = (repr(self.data), repr(self.partition), self.federation.clients, self.seed)
+        if key not in _PARTITION_CACHE:
+            labels = self.dataset().train.labels.numpy()
+            parts = self.partition(
+                labels, self.federation.clients, seeding.numpy_rng(self.seed, "partition")
+            )
+            _PARTITION_CACHE[key] = [torch.as_tensor(p, dtype=torch.long) for p in parts]
+        return _PARTITION_CACHE[key]
+
+    def client_data(self, client: int) -> Batch:
+        """The training examples of one client."""
+        idx = self.partitions()[client]
+        pool = self.dataset().train
+        return Batch(pool.inputs[idx], pool.labels[idx])
+
+    def build_model(self) -> nn.Module:
+        """The global architecture (modifiers applied), with the seed's initial weights."""
+        with seeding.isolated(self.seed, "model"):
+            model = self.model(self.dataset().task)
+        for modifier in self.modifiers:
+            model = modifier.architecture(model)
+        return model
+
+    def check(self) -> None:
+        """Checks that need the data: partition feasibility and a forward pass of the model.
+
+        Cheap next to training; the CLI calls it before starting a run.
+        """
+        try:
+            parts = self.partitions()
+        except ValueError as err:
+            raise ConfigError(f"[partition] {err}") from None
+        if empty := [c for c, p in enumerate(parts) if len(p) == 0]:
+            raise ConfigError(
+                f"[partition] {len(empty)} of {len(parts)} clients get no examples "
+                f"(e.g. client {empty[0]}); use fewer clients or a larger data set."
+            )
+        task = self.dataset().task
+        for attack in self.attacks:
+            if attack.modality != task.modality:
+                raise ConfigError(
+                    f"[attacks] {attack.name!r} attacks {attack.modality} data, but "
+                    f"[data] {self.data.name!r} is {task.modality} data; pick a "
+                    f"{task.modality} attack: {', '.join(_names(ATTACKS, task.modality))}."
+                )
+        model = self.build_model()
+        sample = self.client_data(0)
+        try:
+            logits = model(sample.inputs[:1])
+        except RuntimeError as err:
+            raise ConfigError(
+                f"[model] {self.model.name!r} does not fit [data] {self.data.name!r} "
+                f"(inputs {tuple(task.input_shape)}): {err}"
+            ) from None
+        if logits.shape[-1] != task.num_classes:
+            raise ConfigError(
+                f"[model] {self.model.name!r} outputs {logits.shape[-1]} classes, "
+                f"[data] {self.data.name!r} has {task.num_classes}."
+            )
+
+
+_DATASET_CACHE: dict[str, Dataset] = {}
+_PARTITION_CACHE: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _names(registry: Registry[Any], modality: str) -> list[str]:
+    return [n for n in registry.names() if getattr(registry[n], "modality", None) == modality]
+
+
+def load(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> Experiment:
+    """Load an experiment from a TOML path, TOML text or a dict; apply ``key=value`` overrides."""
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    elif isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith(".toml")):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"No experiment file at {path}; the examples live in simulations/.")
+        raw = _read(path, ())
+    else:
+        raw = _parse(str(source), "<text>")
+    for item in overrides:
+        _override(raw, item)
+    return build(raw)
+
+
+def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """Parse ``path``, resolving ``extends`` (relative to the file) recursively."""
+    raw = _parse(path.read_text(), str(path))
+    if "extends" not in raw:
+        return raw
+    base = (path.parent / str(raw.pop("extends"))).resolve()
+    if base in chain or base == path.resolve():
+        raise ConfigError(f"{path} extends itself through {base}")
+    if not base.is_file():
+        raise ConfigError(f"{path}: extends = {base.name!r}, but there is no file {base}")
+    return _merge(_read(base, (*chain, path.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where} is not valid TOML: {err}") from None
+
+
+def _override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override; the value is TOML, or a bare string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(
+            f"Override {item!r} must look like dotted.key=value, e.g. training.lr=0.05"
+        )
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare strings (paths, names) need no quotes on the command line
+    *parents, last = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parents):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"Override {key!r}: {'.'.join(parents[:i])} has {len(node)} entries "
+                    f"(indexed from 0), so {part!r} does not exist."
+                )
+            node = node[int(part)]
+        else:
+            if i == 0 and part not in _TOP:
+                raise ConfigError(f"Override {key!r}: no table {part!r}.{suggest(part, _TOP)}")
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        raise ConfigError(
+            f"Override {key!r}: index the array, e.g. {key.rsplit('.', 1)[0]}.0.{last}"
+        )
+    node[last] = value
+
+
+def build(raw: Mapping[str, Any]) -> Experiment:
+    """Build and cross-check an experiment from its parsed TOML."""
+    if unknown := sorted(set(raw) - set(_TOP)):
+        key = unknown[0]
+        raise ConfigError(
+            f"Unknown top-level key {key!r}.{suggest(key, _TOP)} Known: {', '.join(_TOP)}."
+        )
+    top = {
+        k: v
+        for k, v in raw.items()
+        if k not in _TABLES and k not in _ARRAYS and k not in ("observe", "runner")
+    }
+    federation = construct(Federation, top, "experiment")
+    tables = {}
+    for key, registry in _TABLES.items():
+        spec = raw.get(key, _DEFAULTS.get(key))
+        if spec is None:
+            raise ConfigError(
+                f"Missing [{key}] table; known {registry.kind}s: {', '.join(registry.names())}."
+            )
+        tables[key] = registry.build(_table(spec, key), key)
+    arrays = {}
+    for key, registry in _ARRAYS.items():
+        specs = raw.get(key, [])
+        if not isinstance(specs, list):
+            raise ConfigError(f"{key} must be an array of tables: write [[{key}]], not [{key}].")
+        arrays[key] = tuple(
+            registry.build(_table(s, key), f"{key}.{i}") for i, s in enumerate(specs)
+        )
+    observe = construct(Observe, _table(raw.get("observe", {}), "observe"), "observe")
+    runner_spec = dict(_table(raw.get("runner", {}), "runner"))
+    runner = Runner(runner_spec.pop("name", "local"), runner_spec)
+    if bad := [r for r in observe.rounds if not 1 <= r <= federation.rounds]:
+        raise ConfigError(f"[observe] rounds {bad} are outside 1..rounds={federation.rounds}.")
+    if observe.clients_per_round > federation.clients_per_round:
+        raise ConfigError(
+            f"[observe] clients_per_round={observe.clients_per_round} exceeds the "
+            f"clients_per_round={federation.clients_per_round} sampled each round."
+        )
+    for attack in arrays["attacks"]:
+        missing = [
+            m
+            for m in getattr(attack, "requires", ())
+            if m not in {x.name for x in arrays["modifiers"]}
+        ]
+        if missing:
+            raise ConfigError(
+                f"[attacks] {attack.name!r} needs the modifier {missing[0]!r}; add a [[modifiers]] "
+                f"table with name = {missing[0]!r}."
+            )
+    resolved = {
+        **dataclasses.asdict(federation),
+        **{k: _resolved(v) for k, v in tables.items()},
+        **{k: [_resolved(x) for x in v] for k, v in arrays.items()},
+        "observe": dataclasses.asdict(observe),
+        "runner": {"name": runner.name, **runner.options},
+    }
+    return Experiment(
+        federation,
+        tables["data"],
+        tables["partition"],
+        tables["model"],
+        tables["training"],
+        arrays["defenses"],
+        arrays["modifiers"],
+        arrays["attacks"],
+        observe,
+        runner,
+        resolved,
+    )
+
+
+def _table(spec: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"[{key}] must be a table, got {spec!r}.")
+    return spec
+
+
+def _resolved(plugin: Any) -> dict[str, Any]:
+    options = {f.name: getattr(plugin, f.name) for f in dataclasses.fields(plugin) if f.init}
+    return {
+        "name": plugin.name,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+    }

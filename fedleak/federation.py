@@ -1,0 +1,98 @@
+"""One round of federated learning, without Flower: what the server and a client each do.
+
+The simulation layer (:mod:`fedleak.sim`) moves these pieces between processes with Flower;
+here they are plain functions, so the protocol, its seeds and its defenses can be tested and
+reused without a federation runtime.
+
+* the server samples clients, applies its modifiers to the global model and evaluates it;
+* a client trains on its partition (training defenses wrap the training), then applies its
+  update defenses to ``received - sent`` before replying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedleak import seeding
+from fedleak.config import Experiment
+from fedleak.core import Batch, Params, Secrets, TrainResult
+
+
+def sample_clients(exp: Experiment, round: int) -> list[int]:
+    """The clients taking part in ``round``, sorted (uniform without replacement)."""
+    fed = exp.federation
+    order = torch.randperm(fed.clients, generator=seeding.rng(exp.seed, "sample", round))
+    return sorted(order[: fed.clients_per_round].tolist())
+
+
+def observed_clients(exp: Experiment, round: int, clients: list[int]) -> list[int]:
+    """The sampled clients whose updates the server records in ``round``."""
+    if not exp.observe.round(round):
+        return []
+    return clients[: exp.observe.clients_per_round or len(clients)]
+
+
+def server_model(exp: Experiment, round: int, params: Params) -> tuple[Params, Secrets]:
+    """Apply the server's modifiers (in config order) to the global state it is about to send."""
+    secrets: dict = {}
+    for i, modifier in enumerate(exp.modifiers):
+        if modifier.applies_to(round):
+            params, planted = modifier(params, round, seeding.rng(exp.seed, "modifier", i, round))
+            secrets.update(planted)
+    return params, secrets
+
+
+def initial_params(exp: Experiment) -> Params:
+    """The global model's state before round 1."""
+    return {k: v.detach().clone() for k, v in exp.build_model().state_dict().items()}
+
+
+@torch.no_grad()
+def evaluate(exp: Experiment, params: Params, batch_size: int = 512) -> dict[str, float]:
+    """Global test loss and accuracy of ``params``."""
+    model = exp.build_model()
+    model.load_state_dict(params)
+    model.eval()
+    test = exp.dataset().test
+    loss, correct = 0.0, 0
+    for start in range(0, len(test), batch_size):
+        x, y = test.inputs[start : start + batch_size], test.labels[start : start + batch_size]
+        logits = model(x)
+        loss += float(exp.loss_fn(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    return {"test_loss": loss / len(test), "test_accuracy": correct / len(test)}
+
+
+@dataclass(frozen=True)
+class Update:
+    """A client's reply: its new state (defenses applied) and what it reports."""
+
+    params: Params
+    result: TrainResult
+
+    @property
+    def truth(self) -> Batch:
+        """The examples it trained on (only the simulation's truth channel carries them)."""
+        return self.result.used
+
+
+def local_update(exp: Experiment, client: int, round: int, sent: Params) -> Update:
+    """Everything a client does in one round: train, then defend what it sends."""
+    model = exp.build_model()
+    model.load_state_dict(sent)
+    result = exp.trainer.fit(
+        model,
+        exp.client_data(client),
+        exp.loss_fn,
+        seeding.rng(exp.seed, "train", client, round),
+        exp.training_defenses,
+    )
+    state = model.state_dict()
+    delta = {k: state[k].detach() - v for k, v in sent.items() if v.is_floating_point()}
+    rng = seeding.rng(exp.seed, "defense", client, round)
+    for defense in exp.update_defenses:
+        delta = defense(delta, rng)
+    params = {k: sent[k] + delta[k] if k in delta else v.detach().clone() for k, v in state.items()}
+    return Update(params, result)

@@ -1,0 +1,162 @@
+"""The run directory: the one place every runner writes what the server saw, and results.
+
+Flower's deployment engine runs the ServerApp in a process of its own, so the server never
+hands Python objects back: it writes them here, and attacks read them back afterwards.
+
+Layout::
+
+    config.toml            the resolved experiment (the only input a run needs)
+    meta.json              status ("running" | "done" | "failed"), versions, runner, wall time
+    sent/r0001.pt          global state sent in an observed round (after modifiers) + secrets
+    views/r0001_c0003.pt   what client 3 sent back in round 1, with its reported metadata
+    truth/r0001_c0003.pt   the examples client 3 trained on: read by metrics only, never attacks
+    utility.csv            one row per round: global test loss and accuracy, failures
+    results.csv            one row per (round, client, attack): every privacy metric
+    images/                reconstruction grids (truth above, reconstruction below)
+
+Every file is written under a temporary name and renamed, and CSV rows are appended as they
+are produced, so a run that dies keeps everything it finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedleak.core import Batch, Params, Secrets, ServerView
+
+_VIEW = re.compile(r"r(\d+)_c(\d+)\.pt$")
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- generic, crash-safe writes ---------------------------------------------------------
+    def write_bytes(self, relative: str, data: bytes) -> Path:
+        """Write a file atomically (temporary name, then rename)."""
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
+
+    def write_text(self, relative: str, text: str) -> Path:
+        """Write a text file atomically."""
+        return self.write_bytes(relative, text.encode())
+
+    def _save(self, relative: str, obj: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def _load(self, relative: str) -> Any:
+        return torch.load(self.root / relative, weights_only=True)
+
+    def append_row(self, name: str, row: Mapping[str, Any]) -> None:
+        """Append one row to ``name`` (a CSV file), widening the header if the row has new keys."""
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = self._header(path)
+        if header and set(row) <= set(header):
+            with path.open("a", newline="") as f:
+                csv.DictWriter(f, header, restval="").writerow(row)
+            return
+        rows = self.rows(name)
+        header = header + [k for k in row if k not in header]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, header, restval="")
+        writer.writeheader()
+        writer.writerows([*rows, row])
+        self.write_text(name, out.getvalue())
+
+    @staticmethod
+    def _header(path: Path) -> list[str]:
+        if not path.exists():
+            return []
+        with path.open(newline="") as f:
+            return next(csv.reader(f), [])
+
+    def rows(self, name: str) -> list[dict[str, str]]:
+        """All rows of a CSV file of this run (empty if it does not exist yet)."""
+        path = self.root / name
+        if not path.exists():
+            return []
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    # -- meta -------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        """The run's meta.json (empty before the run starts)."""
+        path = self.root / "meta.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def update_meta(self, **fields: Any) -> None:
+        """Merge ``fields`` into meta.json."""
+        self.write_text("meta.json", json.dumps({**self.meta(), **fields}, indent=2) + "\n")
+
+    # -- what the server saw ----------------------------------------------------------------
+    def write_sent(self, round: int, params: Params, secrets: Secrets) -> None:
+        """The global state sent in ``round``, after modifiers, and what they planted."""
+        self._save(f"sent/r{round:04d}.pt", {"params": params, "secrets": dict(secrets)})
+
+    def write_view(
+        self, round: int, client: int, received: Params, report: Mapping[str, Any]
+    ) -> None:
+        """What ``client`` sent back in ``round``, with the metadata it reported."""
+        self._save(f"views/r{round:04d}_c{client:04d}.pt", {"received": received, **report})
+
+    def write_truth(self, round: int, client: int, truth: Batch) -> None:
+        """The examples ``client`` trained on in ``round`` (for metrics only)."""
+        self._save(
+            f"truth/r{round:04d}_c{client:04d}.pt",
+            {"inputs": truth.inputs, "labels": truth.labels},
+        )
+
+    def observed(self) -> list[tuple[int, int]]:
+        """``(round, client)`` of every stored view, in order."""
+        found = (_VIEW.search(p.name) for p in (self.root / "views").glob("r*_c*.pt"))
+        return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+    def views(self, experiment: Any) -> Iterator[ServerView]:
+        """Rebuild the stored views; the architecture and loss come from the experiment."""
+        sent_cache: dict[int, dict[str, Any]] = {}
+        trainer = experiment.resolved["training"]
+        task = experiment.dataset().task
+        for round, client in self.observed():
+            if round not in sent_cache:
+                sent_cache = {round: self._load(f"sent/r{round:04d}.pt")}
+            sent = sent_cache[round]
+            stored = self._load(f"views/r{round:04d}_c{client:04d}.pt")
+            yield ServerView(
+                round=round,
+                client=client,
+                task=task,
+                build_model=experiment.build_model,
+                loss_fn=experiment.loss_fn,
+                sent=sent["params"],
+                received=stored["received"],
+                num_examples=int(stored["num_examples"]),
+                lr=float(trainer["lr"]),
+                local_steps=int(stored["local_steps"]),
+                batch_size=int(stored["batch_size"]),
+                loss=float(stored["loss"]),
+                protocol=trainer,
+                secrets=sent["secrets"],
+            )
+
+    def truth(self, round: int, client: int) -> Batch:
+        """The examples ``client`` trained on in ``round``."""
+        stored = self._load(f"truth/r{round:04d}_c{client:04d}.pt")
+        return Batch(stored["inputs"], stored["labels"])

@@ -1,0 +1,104 @@
+"""Local SGD: the client procedure of FedSGD and FedAvg (McMahan et al., AISTATS 2017).
+
+FedSGD is one step on the client's whole partition (``local_steps = 1``, ``batch_size = 0``);
+FedAvg is several steps or epochs of mini-batch SGD.  Mini-batches are drawn without
+replacement from a per-(client, round) shuffle, so the examples a client used are known exactly
+and recorded as ground truth.  Training defenses wrap the model, the optimiser and the batches
+before the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedleak.core import Batch, LossFn, TrainingDefense, TrainResult
+from fedleak.training import TRAINERS
+
+
+@TRAINERS.register("sgd")
+@dataclass
+class SGD:
+    """Plain local SGD: FedSGD with one full-batch step, FedAvg with more."""
+
+    lr: float = 0.1  # learning rate the server prescribes
+    local_steps: int = 1  # optimiser steps per round (ignored when local_epochs > 0)
+    local_epochs: int = 0  # > 0: passes over the partition instead of a step count
+    batch_size: int = 0  # examples per step; 0 = the whole partition (FedSGD)
+    momentum: float = 0.0  # 0 keeps "update = -lr * sum of gradients" exact for attacks
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"sgd: lr must be > 0, got {self.lr}")
+        if self.local_steps < 1:
+            raise ValueError(f"sgd: local_steps must be >= 1, got {self.local_steps}")
+        if self.local_epochs < 0:
+            raise ValueError(f"sgd: local_epochs must be >= 0, got {self.local_epochs}")
+        if self.batch_size < 0:
+            raise ValueError(
+                f"sgd: batch_size must be >= 0 (0 = whole partition), got {self.batch_size}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"sgd: momentum must be in [0, 1), got {self.momentum}")
+
+    def batches(self, data: Batch, rng: torch.Generator) -> list[Batch]:
+        """The mini-batches of one round, in order."""
+        n = len(data)
+        size = min(self.batch_size or n, n)
+        per_epoch = math.ceil(n / size)
+        steps = self.local_epochs * per_epoch if self.local_epochs else self.local_steps
+        order = torch.cat(
+            [torch.randperm(n, generator=rng) for _ in range(math.ceil(steps / per_epoch))]
+        )
+        chunks = []
+        for step in range(steps):
+            epoch, k = divmod(step, per_epoch)
+            idx = order[epoch * n + k * size : epoch * n + min((k + 1) * size, n)]
+            chunks.append(Batch(data.inputs[idx], data.labels[idx]))
+        return chunks
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: Batch,
+        loss_fn: LossFn,
+        rng: torch.Generator,
+        defenses: tuple[TrainingDefense, ...] = (),
+    ) -> TrainResult:
+        """Train ``model`` in place for one round; report loss, steps and the examples used."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+        batches = self.batches(data, rng)
+        for defense in defenses:
+            model, optimizer, batches = defense.wrap(model, optimizer, batches, rng)
+        model.train()
+        losses, used = [], []
+        for batch in batches:
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch.inputs), batch.labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            used.append(batch)
+        if not used:
+            raise ValueError("sgd: the client has no examples to train on")
+        return TrainResult(
+            loss=sum(losses) / len(losses),
+            steps=len(used),
+            batch_size=len(used[0]),
+            used=_first_use(used),
+        )
+
+
+def _first_use(batches: list[Batch]) -> Batch:
+    """The distinct examples of ``batches`` in first-use order (epochs revisit examples)."""
+    inputs = torch.cat([b.inputs for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    flat = inputs.reshape(len(inputs), -1)
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(flat), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(flat)), reduce="amin")
+    keep = first.sort().values
+    return Batch(inputs[keep], labels[keep])

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+from fedleak.core import Batch
+from fedleak.registry import ConfigError
+from fedleak.training import TRAINERS
+
+
+def data(n=7):
+    return Batch(torch.randn(n, 3), torch.arange(n) % 2)
+
+
+def test_fedsgd_step_is_lr_times_full_batch_gradient():
+    trainer = TRAINERS.build({"name": "sgd", "lr": 0.2})
+    torch.manual_seed(0)
+    model, batch = nn.Linear(3, 2), data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nn.functional.cross_entropy(model(batch.inputs), batch.labels).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    result = trainer.fit(
+        model, batch, nn.functional.cross_entropy, torch.Generator().manual_seed(0)
+    )
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[k] - 0.2 * grads[k])
+    assert result.steps == 1 and result.batch_size == 7 and len(result.used) == 7
+
+
+def test_epochs_visit_every_example_and_truth_is_first_use_order():
+    trainer = TRAINERS.build({"name": "sgd", "local_epochs": 2, "batch_size": 3})
+    batch = data()
+    batches = trainer.batches(batch, torch.Generator().manual_seed(1))
+    assert [len(b) for b in batches] == [3, 3, 1, 3, 3, 1]
+    result = trainer.fit(
+        nn.Linear(3, 2), batch, nn.functional.cross_entropy, torch.Generator().manual_seed(1)
+    )
+    assert sorted(result.used.inputs[:, 0].tolist()) == sorted(batch.inputs[:, 0].tolist())
+    torch.testing.assert_close(result.used.inputs[:3], batches[0].inputs)
+
+
+def test_steps_mode_and_determinism():
+    trainer = TRAINERS.build({"name": "sgd", "local_steps": 4, "batch_size": 2})
+    a = trainer.batches(data(), torch.Generator().manual_seed(5))
+    b = trainer.batches(data(), torch.Generator().manual_seed(5))
+    assert len(a) == 4 and all(torch.equal(x.labels, y.labels) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    "bad", [{"lr": 0}, {"local_steps": 0}, {"batch_size": -1}, {"momentum": 1.0}]
+)
+def test_bad_options(bad):
+    with pytest.raises(ConfigError, match="sgd: "):
+        TRAINERS.build({"name": "sgd", **bad})
