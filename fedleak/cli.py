@@ -1,0 +1,155 @@
+"""The ``fedleak`` command: list plugins, run experiments, re-attack run directories.
+
+Configuration mistakes print one clear message (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedleak import config, pipeline
+from fedleak.registry import ConfigError
+from fedleak.store import RunStore
+
+
+def _kinds() -> dict:
+    from fedleak.attacks import ATTACKS
+    from fedleak.data import DATASETS, PARTITIONS
+    from fedleak.defenses import DEFENSES
+    from fedleak.models import MODELS
+    from fedleak.modifiers import MODIFIERS
+    from fedleak.training import TRAINERS
+
+    kinds = {
+        "attacks": ATTACKS,
+        "defenses": DEFENSES,
+        "trainers": TRAINERS,
+        "modifiers": MODIFIERS,
+        "datasets": DATASETS,
+        "partitions": PARTITIONS,
+        "models": MODELS,
+    }
+    try:  # runners need Flower; listing the rest must not
+        from fedleak.sim.runners import RUNNERS
+
+        kinds["runners"] = RUNNERS
+    except ImportError:
+        pass
+    return kinds
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    """Print every registered plugin (of one kind) with its one-line summary."""
+    kinds = _kinds()
+    if args.kind and args.kind not in kinds:
+        from fedleak.registry import suggest
+
+        raise ConfigError(
+            f"Unknown kind {args.kind!r}.{suggest(args.kind, list(kinds))} "
+            f"Known: {', '.join(kinds)}."
+        )
+    for kind, registry in kinds.items():
+        if args.kind in (None, kind):
+            print(f"{kind}:")
+            for name in registry.names():
+                print(f"  {name:<20} {registry.summary(name)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Load, check, federate, attack, and print the summary."""
+    exp = config.load(args.config, args.override or [])
+    _flower_log(args.verbose)
+    store = pipeline.run(exp, args.out)
+    print(summary(store))
+    print(f"\nrun directory: {store.root}")
+
+
+def cmd_attack(args: argparse.Namespace) -> None:
+    """Attack the stored views of an existing run directory (finished rows are kept)."""
+    store = RunStore(args.run_dir)
+    if not (store.root / "config.toml").is_file():
+        raise ConfigError(f"{store.root} is not a run directory (no config.toml)")
+    exp = config.load(store.root / "config.toml", args.override or [])
+    pipeline.attack(exp, store)
+    print(summary(store))
+
+
+def _flower_log(verbose: bool) -> None:
+    """Flower configures its logger on import: quiet it (per round INFO) unless asked."""
+    import flwr  # noqa: F401 - installs Flower's handler, which we then tune
+
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def summary(store: RunStore) -> str:
+    """A short table: final utility, then mean privacy metrics per attack."""
+    lines = []
+    utility = store.rows("utility.csv")
+    if utility:
+        last = utility[-1]
+        lines.append(
+            f"utility after round {last['round']}: "
+            f"test accuracy {float(last['test_accuracy']):.4f}, "
+            f"test loss {float(last['test_loss']):.4f}"
+        )
+    results = store.rows("results.csv")
+    if results:
+        lines.append(
+            f"{'attack':<16}{'views':>6}{'psnr':>9}{'ssim':>8}{'label_acc':>11}{'seconds':>9}"
+        )
+        for name in dict.fromkeys(r["attack"] for r in results):
+            rows = [r for r in results if r["attack"] == name]
+
+            def mean(key: str, rows=rows) -> float:
+                return statistics.fmean(float(r[key]) for r in rows)
+
+            lines.append(
+                f"{name:<16}{len(rows):>6}{mean('psnr'):>9.2f}{mean('ssim'):>8.3f}"
+                f"{mean('label_acc'):>11.3f}{mean('seconds'):>9.2f}"
+            )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="fedleak", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Flower's own log")
+    sub = p.add_subparsers(dest="command", required=True)
+    lst = sub.add_parser("list", help="list registered attacks, defenses, models, ...")
+    lst.add_argument("kind", nargs="?", help="one kind, e.g. attacks")
+    lst.set_defaults(func=cmd_list)
+    run = sub.add_parser("run", help="run an experiment file")
+    run.add_argument("config", help="experiment TOML, e.g. simulations/digits_dlg.toml")
+    run.add_argument(
+        "-o", "--override", action="append", metavar="KEY=VALUE", help="dotted.key=value"
+    )
+    run.add_argument("--out", type=Path, help="run directory (default runs/<name>/<timestamp>)")
+    run.set_defaults(func=cmd_run)
+    att = sub.add_parser("attack", help="(re-)attack the stored views of a run directory")
+    att.add_argument("run_dir", type=Path)
+    att.add_argument(
+        "-o", "--override", action="append", metavar="KEY=VALUE", help="e.g. attacks.0.steps=50"
+    )
+    att.set_defaults(func=cmd_attack)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedleak`` console script."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"fedleak: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

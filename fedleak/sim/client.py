@@ -1,0 +1,102 @@
+"""The ClientApp: a federated client that trains, defends, and (in simulation) reports truth.
+
+The experiment reaches the client inside the first train message's config (the resolved TOML
+text), so one module-level app serves every runner, including SuperNodes on other machines.
+A node may point to its own copy of the data with ``--node-config 'data-root="/path"'``.
+
+The ground truth (the examples actually used) travels back in a separate ConfigRecord under
+:data:`TRUTH_KEY`.  It exists only because this is a simulation: the server strips it before
+anything else sees the reply, and it is stored where only metrics read it.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedleak import config, federation
+from fedleak.core import Batch
+
+TRUTH_KEY = "fedleak.truth"  # the simulation's ground-truth channel; never reaches an attack
+CONFIG_KEY = "fedleak-config"  # the resolved experiment, sent in every train config
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _experiment(text: str, data_root: str) -> config.Experiment:
+    exp = config.load(text)
+    if data_root and hasattr(exp.data, "root"):  # bundled or generated data need no root
+        exp = config.load(text, [f"data.root={data_root}"])
+    return exp
+
+
+def client_index(context: Context) -> int:
+    """The client (partition) this node plays, from its node config."""
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise ValueError(
+            'this SuperNode has no "partition-id"; start it with '
+            '--node-config "partition-id=<i> num-partitions=<clients>"'
+        ) from None
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which client this node plays (used for reproducible sampling)."""
+    return Message(
+        RecordDict({"client": MetricRecord({"client": client_index(context)})}), reply_to=msg
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training with the experiment's trainer and defenses."""
+    cfg = msg.content["config"]
+    exp = _experiment(str(cfg[CONFIG_KEY]), str(context.node_config.get("data-root", "")))
+    client = client_index(context)
+    partitions = int(context.node_config.get("num-partitions", exp.federation.clients))
+    if partitions != exp.federation.clients:
+        raise ValueError(
+            f"this node was started with num-partitions={partitions}, but the experiment has "
+            f"clients={exp.federation.clients}"
+        )
+    round = int(cfg["server-round"])
+    update = federation.local_update(
+        exp, client, round, msg.content["arrays"].to_torch_state_dict()
+    )
+    result = update.result
+    metrics = MetricRecord(
+        {
+            "num-examples": len(result.used),
+            "client": client,
+            "train_loss": result.loss,
+            "local_steps": result.steps,
+            "batch_size": result.batch_size,
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(update.params),
+            "metrics": metrics,
+            TRUTH_KEY: ConfigRecord({"batch": _dump(update.truth)}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _dump(batch: Batch) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"inputs": batch.inputs, "labels": batch.labels}, buffer)
+    return buffer.getvalue()
+
+
+def load_truth(record: ConfigRecord) -> Batch:
+    """The ground truth a client packed with :func:`_dump`."""
+    stored = torch.load(io.BytesIO(record["batch"]), weights_only=True)
+    return Batch(stored["inputs"], stored["labels"])

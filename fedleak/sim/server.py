@@ -1,0 +1,220 @@
+"""The ServerApp: a curious server that samples, modifies, captures, then aggregates.
+
+:class:`Observed` wraps any Flower strategy (as Flower's own DP wrappers do).  Per round it
+
+1. samples clients reproducibly (``federation.sample_clients``; client indices, not Flower's
+   random node ids, so every runner samples the same clients for the same seed),
+2. applies the server's modifiers to the global model,
+3. lets the inner strategy (FedAvg) address exactly the sampled nodes,
+4. strips the simulation's truth channel from every reply, records the observed clients'
+   updates and truths in the run directory, and logs failed clients,
+5. hands the clean replies to the inner strategy for aggregation.
+
+Placing the capture *below* aggregation is the threat model: the server sees each client's
+individual update, as an honest-but-curious server does without secure aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedleak import config, federation
+from fedleak.config import Experiment
+from fedleak.sim.client import CONFIG_KEY, TRUTH_KEY, load_truth
+from fedleak.store import RunStore
+
+log = logging.getLogger("fedleak")
+
+
+class _Participants(Grid):
+    """A view of a grid that exposes only this round's sampled nodes to the inner strategy."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def set_run(self, run):
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages):
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class Observed(Strategy):
+    """Wrap a strategy: reproducible sampling, server modifiers, and capture of what it sees."""
+
+    def __init__(self, inner: Strategy, exp: Experiment, store: RunStore) -> None:
+        self.inner, self.exp, self.store = inner, exp, store
+        self._nodes: dict[int, int] = {}  # client index -> node id
+        self._round: dict[str, float] = {}
+        self._started = time.monotonic()
+
+    def nodes(self, grid: Grid) -> dict[int, int]:
+        """Ask every node once which client it plays."""
+        if not self._nodes:
+            node_ids = list(grid.get_node_ids())
+            expected = self.exp.federation.clients
+            if len(node_ids) < expected:
+                raise RuntimeError(
+                    f"{len(node_ids)} nodes are connected, but the experiment has clients="
+                    f"{expected}; start one SuperNode per client"
+                )
+            queries = [
+                Message(
+                    RecordDict({"config": ConfigRecord()}),
+                    dst_node_id=n,
+                    message_type=MessageType.QUERY,
+                )
+                for n in node_ids
+            ]
+            for reply in grid.send_and_receive(queries):
+                if reply.has_error():
+                    raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                client = int(reply.content["client"]["client"])
+                self._nodes[client] = reply.metadata.src_node_id
+            if missing := sorted(set(range(expected)) - set(self._nodes)):
+                raise RuntimeError(f"no node plays clients {missing[:10]}; check the partition-ids")
+        return self._nodes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
+        """Sample, modify the global model, record it if observed; the inner strategy sends."""
+        clients = federation.sample_clients(self.exp, server_round)
+        nodes = self.nodes(grid)
+        params, secrets = federation.server_model(
+            self.exp, server_round, arrays.to_torch_state_dict()
+        )
+        if federation.observed_clients(self.exp, server_round, clients):
+            self.store.write_sent(server_round, params, secrets)
+        self._round = {"sampled": len(clients), "started": time.monotonic()}
+        log.debug(
+            "round %d/%d: training clients %s", server_round, self.exp.federation.rounds, clients
+        )
+        participants = _Participants(grid, [nodes[c] for c in clients])
+        return self.inner.configure_train(server_round, ArrayRecord(params), config, participants)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Strip the truth channel, capture observed clients, log failures, then aggregate."""
+        replies = list(replies)
+        clients = {node: client for client, node in self._nodes.items()}
+        ok = [r for r in replies if not r.has_error()]
+        for reply in replies:
+            if reply.has_error():
+                client = clients.get(reply.metadata.src_node_id, "?")
+                log.warning(
+                    "round %d: client %s failed: %s", server_round, client, reply.error.reason
+                )
+        sampled = federation.sample_clients(self.exp, server_round)
+        watched = set(federation.observed_clients(self.exp, server_round, sampled))
+        for reply in ok:
+            truth = load_truth(reply.content.pop(TRUTH_KEY))  # never stored with the view
+            metrics = reply.content["metrics"]
+            client = int(metrics["client"])
+            if client in watched:
+                report = {
+                    "num_examples": int(metrics["num-examples"]),
+                    "loss": float(metrics["train_loss"]),
+                    "local_steps": int(metrics["local_steps"]),
+                    "batch_size": int(metrics["batch_size"]),
+                }
+                self.store.write_view(
+                    server_round, client, reply.content["arrays"].to_torch_state_dict(), report
+                )
+                self.store.write_truth(server_round, client, truth)
+        self._round.update(
+            failures=len(replies) - len(ok),
+            train_loss=sum(float(r.content["metrics"]["train_loss"]) for r in ok) / max(len(ok), 1),
+        )
+        return self.inner.aggregate_train(server_round, ok)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:  # noqa: D102
+        self.inner.summary()
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Centralised evaluation of the global model; appends one row to utility.csv."""
+        metrics = federation.evaluate(self.exp, arrays.to_torch_state_dict())
+        row = {
+            "round": server_round,
+            **metrics,
+            "train_loss": self._round.get("train_loss", float("nan")),
+            "clients": int(self._round.get("sampled", 0)),
+            "failures": int(self._round.get("failures", 0)),
+            "seconds": round(time.monotonic() - self._started, 3),
+        }
+        self.store.append_row("utility.csv", row)
+        log.info(
+            "round %d: test accuracy %.4f, test loss %.4f%s",
+            server_round,
+            metrics["test_accuracy"],
+            metrics["test_loss"],
+            f", {row['failures']} failed" if row["failures"] else "",
+        )
+        return MetricRecord(metrics)
+
+
+def serve(grid: Grid, exp: Experiment, store: RunStore) -> None:
+    """The server's whole run: FedAvg wrapped by :class:`Observed`, evaluated every round."""
+    strategy = Observed(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        exp,
+        store,
+    )
+    store.update_meta(server="running")
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(federation.initial_params(exp)),
+        num_rounds=exp.federation.rounds,
+        train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
+        evaluate_fn=strategy.evaluate,
+    )
+    store.update_meta(server="done")
+
+
+def make_server_app(exp: Experiment, store: RunStore) -> ServerApp:
+    """A ServerApp bound to an experiment, for runners that execute it in this process."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context) -> None:
+        serve(grid, exp, store)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    """Entry point under ``flwr run``: run-config ``run-dir`` names the run directory."""
+    store = RunStore(Path(str(context.run_config["run-dir"])))
+    serve(grid, config.load(store.root / "config.toml"), store)

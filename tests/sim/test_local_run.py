@@ -1,0 +1,124 @@
+"""End-to-end runs on the in-process grid: capture, attack, reproducibility, failures, truth."""
+
+import csv
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import pytest
+import torch
+
+from fedleak import config, federation, pipeline
+from fedleak.attacks import ATTACKS
+from fedleak.core import Reconstruction
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_run_writes_the_whole_run_directory(tmp_path, tiny):
+    store = pipeline.run(config.load(tiny()), tmp_path / "run")
+    root = store.root
+    assert (root / "config.toml").is_file() and store.meta()["status"] == "done"
+    utility = read(root / "utility.csv")
+    assert [int(r["round"]) for r in utility] == [0, 1, 2]
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in utility)
+    results = read(root / "results.csv")
+    assert len(results) == 2 * 2  # 2 observed rounds x 2 clients x 1 attack
+    assert {"psnr", "ssim", "label_acc", "mse", "seconds"} <= set(results[0])
+    assert len(list((root / "images").glob("*.png"))) == 4
+    # the resolved config reloads to the same experiment
+    assert config.load(root / "config.toml").resolved == config.load(tiny()).resolved
+
+
+def test_same_config_and_seed_give_identical_results(tmp_path, tiny):
+    a = pipeline.run(config.load(tiny()), tmp_path / "a").root
+    b = pipeline.run(config.load(tiny()), tmp_path / "b").root
+    for name in ("utility.csv", "results.csv"):
+        assert without_timing(read(a / name)) == without_timing(read(b / name))
+    for view in (a / "views").iterdir():
+        x, y = torch.load(view), torch.load(b / "views" / view.name)
+        assert all(torch.equal(x["received"][k], y["received"][k]) for k in x["received"])
+    c = pipeline.run(config.load(tiny(seed=4)), tmp_path / "c").root
+    assert without_timing(read(a / "utility.csv")) != without_timing(read(c / "utility.csv"))
+
+
+def test_a_failing_client_is_logged_and_the_run_completes(tmp_path, caplog, monkeypatch, tiny):
+    real = federation.local_update
+
+    def flaky(exp, client, round, sent):
+        if client == 1:
+            raise RuntimeError("disk on fire")
+        return real(exp, client, round, sent)
+
+    monkeypatch.setattr(federation, "local_update", flaky)
+    store = pipeline.run(config.load(tiny(clients_per_round=4)), tmp_path / "run")
+    utility = read(store.root / "utility.csv")
+    assert [int(r["failures"]) for r in utility[1:]] == [1, 1]
+    assert [int(r["clients"]) for r in utility[1:]] == [4, 4]
+    assert "client 1 failed: RuntimeError: disk on fire" in caplog.text
+    assert sorted(c for _, c in store.observed()) == [0, 0, 2, 2, 3, 3]
+    assert store.meta()["status"] == "done"
+
+
+SEEN = []
+
+
+@ATTACKS.register("spy")
+@dataclass
+class Spy:
+    """Records every view it is given (for the truth-channel test)."""
+
+    modality: ClassVar[str] = "image"
+
+    def __call__(self, view, rng):
+        SEEN.append(view)
+        return Reconstruction(torch.zeros(view.num_examples, *view.task.input_shape))
+
+
+def test_attacks_never_see_the_truth(tmp_path, tiny):
+    SEEN.clear()
+    store = pipeline.run(config.load(tiny(attacks=[{"name": "spy"}])), tmp_path / "run")
+    assert len(SEEN) == 4
+    for view in SEEN:
+        truth = store.truth(view.round, view.client)
+        reachable = [getattr(view, f.name) for f in fields(view)]
+        tensors = [
+            t
+            for v in reachable
+            if isinstance(v, dict)
+            for t in v.values()
+            if isinstance(t, torch.Tensor)
+        ]
+        tensors += [v for v in reachable if isinstance(v, torch.Tensor)]
+        assert not any(
+            t.shape == truth.inputs.shape and torch.equal(t, truth.inputs) for t in tensors
+        )
+        assert "fedleak.truth" not in view.received and not view.secrets
+    for path in (store.root / "views").iterdir():
+        stored = torch.load(path)
+        assert set(stored) == {"received", "num_examples", "loss", "local_steps", "batch_size"}
+
+
+def test_federation_pieces_are_deterministic_and_defended(tiny):
+    exp = config.load(tiny(defenses=[{"name": "clip", "max_norm": 0.01}]))
+    assert federation.sample_clients(exp, 1) == federation.sample_clients(exp, 1)
+    assert len({tuple(federation.sample_clients(exp, r)) for r in range(1, 8)}) > 1
+    sent = federation.initial_params(exp)
+    a = federation.local_update(exp, 0, 1, sent)
+    b = federation.local_update(exp, 0, 1, sent)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in sent)
+    norm = torch.sqrt(sum(((a.params[k] - sent[k]) ** 2).sum() for k in sent))
+    assert norm <= 0.01 + 1e-6
+    assert len(a.truth) == 2
+
+
+def test_a_non_empty_output_directory_is_refused(tmp_path, tiny):
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        pipeline.run(config.load(tiny()), tmp_path)
