@@ -23,6 +23,7 @@ from fedleak.core import Batch
 
 TRUTH_KEY = "fedleak.truth"  # the simulation's ground-truth channel; never reaches an attack
 CONFIG_KEY = "fedleak-config"  # the resolved experiment, sent in every train config
+CLIENT_KEY = "fedleak-client"  # the client (partition) the server asks this node to play
 
 app = ClientApp()
 
@@ -36,7 +37,7 @@ def _experiment(text: str, data_root: str) -> config.Experiment:
 
 
 def client_index(context: Context) -> int:
-    """The client (partition) this node plays, from its node config."""
+    """The client (partition) this node holds, from its node config."""
     try:
         return int(context.node_config["partition-id"])
     except KeyError:
@@ -48,10 +49,12 @@ def client_index(context: Context) -> int:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which client this node plays (used for reproducible sampling)."""
-    return Message(
-        RecordDict({"client": MetricRecord({"client": client_index(context)})}), reply_to=msg
-    )
+    """Tell the server which client this node holds, and of how many (reproducible sampling)."""
+    held = {
+        "client": client_index(context),
+        "clients": int(context.node_config.get("num-partitions", -1)),
+    }
+    return Message(RecordDict({"client": MetricRecord(held)}), reply_to=msg)
 
 
 @app.train()
@@ -59,13 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training with the experiment's trainer and defenses."""
     cfg = msg.content["config"]
     exp = _experiment(str(cfg[CONFIG_KEY]), str(context.node_config.get("data-root", "")))
-    client = client_index(context)
-    partitions = int(context.node_config.get("num-partitions", exp.federation.clients))
-    if partitions != exp.federation.clients:
-        raise ValueError(
-            f"this node was started with num-partitions={partitions}, but the experiment has "
-            f"clients={exp.federation.clients}"
-        )
+    client = int(cfg[CLIENT_KEY])  # the node's own partition-id when the server discovered it
     round = int(cfg["server-round"])
     update = federation.local_update(
         exp, client, round, msg.content["arrays"].to_torch_state_dict()

@@ -3,7 +3,8 @@
 :class:`Observed` wraps any Flower strategy (as Flower's own DP wrappers do).  Per round it
 
 1. samples clients reproducibly (``federation.sample_clients``; client indices, not Flower's
-   random node ids, so every runner samples the same clients for the same seed),
+   random node ids, so every runner samples the same clients for the same seed) and tells
+   each addressed node which client it plays,
 2. applies the server's modifiers to the global model,
 3. lets the inner strategy (FedAvg) address exactly the sampled nodes,
 4. strips the simulation's truth channel from every reply, records the observed clients'
@@ -27,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedleak import config, federation
 from fedleak.config import Experiment
-from fedleak.sim.client import CONFIG_KEY, TRUTH_KEY, load_truth
+from fedleak.sim.client import CLIENT_KEY, CONFIG_KEY, TRUTH_KEY, load_truth
 from fedleak.store import RunStore
 
 log = logging.getLogger("fedleak")
@@ -63,11 +64,18 @@ class _Participants(Grid):
 
 
 class Observed(Strategy):
-    """Wrap a strategy: reproducible sampling, server modifiers, and capture of what it sees."""
+    """Wrap a strategy: reproducible sampling, server modifiers, and capture of what it sees.
 
-    def __init__(self, inner: Strategy, exp: Experiment, store: RunStore) -> None:
-        self.inner, self.exp, self.store = inner, exp, store
-        self._nodes: dict[int, int] = {}  # client index -> node id
+    Which node plays which client: in a simulation every node can load every partition, so
+    the server *assigns* this round's sampled clients to nodes (``discover=False``, one message
+    per client, no extra traffic).  On a real deployment each SuperNode holds its own data, so
+    the server first asks every node once which client it is (``discover=True``).
+    """
+
+    def __init__(self, inner: Strategy, exp: Experiment, store: RunStore, discover: bool) -> None:
+        self.inner, self.exp, self.store, self.discover = inner, exp, store, discover
+        self._nodes: dict[int, int] = {}  # client index -> node id, when discovered
+        self._assigned: dict[int, int] = {}  # node id -> client index, this round
         self._round: dict[str, float] = {}
         self._started = time.monotonic()
 
@@ -75,12 +83,6 @@ class Observed(Strategy):
         """Ask every node once which client it plays."""
         if not self._nodes:
             node_ids = list(grid.get_node_ids())
-            expected = self.exp.federation.clients
-            if len(node_ids) < expected:
-                raise RuntimeError(
-                    f"{len(node_ids)} nodes are connected, but the experiment has clients="
-                    f"{expected}; start one SuperNode per client"
-                )
             queries = [
                 Message(
                     RecordDict({"config": ConfigRecord()}),
@@ -92,35 +94,67 @@ class Observed(Strategy):
             for reply in grid.send_and_receive(queries):
                 if reply.has_error():
                     raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-                client = int(reply.content["client"]["client"])
-                self._nodes[client] = reply.metadata.src_node_id
-            if missing := sorted(set(range(expected)) - set(self._nodes)):
-                raise RuntimeError(f"no node plays clients {missing[:10]}; check the partition-ids")
+                held = reply.content["client"]
+                if int(held["clients"]) not in (-1, self.exp.federation.clients):
+                    raise RuntimeError(
+                        f"node {reply.metadata.src_node_id} was started with num-partitions="
+                        f"{held['clients']}, but the experiment has clients="
+                        f"{self.exp.federation.clients}"
+                    )
+                self._nodes[int(held["client"])] = reply.metadata.src_node_id
+            if missing := sorted(set(range(self.exp.federation.clients)) - set(self._nodes)):
+                raise RuntimeError(
+                    f"no node plays clients {missing[:10]}; start one SuperNode per client with "
+                    '--node-config "partition-id=<i> num-partitions=<clients>"'
+                )
         return self._nodes
+
+    def _place(self, clients: list[int], grid: Grid) -> dict[int, int]:
+        """Map node id -> client index for this round's sampled clients."""
+        if self.discover:
+            nodes = self.nodes(grid)
+            return {nodes[c]: c for c in clients}
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) < len(clients):
+            raise RuntimeError(
+                f"{len(node_ids)} nodes are connected, but {len(clients)} clients are sampled"
+            )
+        return dict(zip(node_ids, clients, strict=False))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ):
         """Sample, modify the global model, record it if observed; the inner strategy sends."""
         clients = federation.sample_clients(self.exp, server_round)
-        nodes = self.nodes(grid)
+        self._assigned = self._place(clients, grid)
         params, secrets = federation.server_model(
             self.exp, server_round, arrays.to_torch_state_dict()
         )
         if federation.observed_clients(self.exp, server_round, clients):
             self.store.write_sent(server_round, params, secrets)
         self._round = {"sampled": len(clients), "started": time.monotonic()}
-        log.debug(
-            "round %d/%d: training clients %s", server_round, self.exp.federation.rounds, clients
+        log.debug("round %d: training clients %s", server_round, clients)
+        participants = _Participants(grid, list(self._assigned))
+        messages = list(
+            self.inner.configure_train(server_round, ArrayRecord(params), config, participants)
         )
-        participants = _Participants(grid, [nodes[c] for c in clients])
-        return self.inner.configure_train(server_round, ArrayRecord(params), config, participants)
+        for msg in messages:  # one config per recipient: FedAvg shares one RecordDict among all
+            cfg = ConfigRecord(
+                {**msg.content["config"], CLIENT_KEY: self._assigned[msg.metadata.dst_node_id]}
+            )
+            msg.content = RecordDict({**msg.content, "config": cfg})
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Strip the truth channel, capture observed clients, log failures, then aggregate."""
         replies = list(replies)
-        clients = {node: client for client, node in self._nodes.items()}
+        clients = self._assigned
         ok = [r for r in replies if not r.has_error()]
+        if replies and not ok:
+            raise RuntimeError(
+                f"round {server_round}: all {len(replies)} sampled clients failed; "
+                f"the first said: {replies[0].error.reason}"
+            )
         for reply in replies:
             if reply.has_error():
                 client = clients.get(reply.metadata.src_node_id, "?")
@@ -181,12 +215,13 @@ class Observed(Strategy):
         return MetricRecord(metrics)
 
 
-def serve(grid: Grid, exp: Experiment, store: RunStore) -> None:
+def serve(grid: Grid, exp: Experiment, store: RunStore, discover: bool) -> None:
     """The server's whole run: FedAvg wrapped by :class:`Observed`, evaluated every round."""
     strategy = Observed(
         FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
         exp,
         store,
+        discover,
     )
     store.update_meta(server="running")
     strategy.start(
@@ -205,7 +240,7 @@ def make_server_app(exp: Experiment, store: RunStore) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context) -> None:
-        serve(grid, exp, store)
+        serve(grid, exp, store, discover=False)
 
     return app
 
@@ -217,4 +252,5 @@ app = ServerApp()
 def main(grid: Grid, context) -> None:
     """Entry point under ``flwr run``: run-config ``run-dir`` names the run directory."""
     store = RunStore(Path(str(context.run_config["run-dir"])))
-    serve(grid, config.load(store.root / "config.toml"), store)
+    # Under flwr run the nodes may be real SuperNodes with their own data: ask who is who.
+    serve(grid, config.load(store.root / "config.toml"), store, discover=True)

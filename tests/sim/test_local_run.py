@@ -10,6 +10,7 @@ import torch
 from fedleak import config, federation, pipeline
 from fedleak.attacks import ATTACKS
 from fedleak.core import Reconstruction
+from fedleak.store import RunStore
 
 
 def read(path):
@@ -64,6 +65,17 @@ def test_a_failing_client_is_logged_and_the_run_completes(tmp_path, caplog, monk
     assert "client 1 failed: RuntimeError: disk on fire" in caplog.text
     assert sorted(c for _, c in store.observed()) == [0, 0, 2, 2, 3, 3]
     assert store.meta()["status"] == "done"
+
+
+def test_a_round_where_every_client_fails_stops_the_run(tmp_path, monkeypatch, tiny):
+    def broken(exp, client, round, sent):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(federation, "local_update", broken)
+    with pytest.raises(RuntimeError, match="round 1: all 2 sampled clients failed.*out of memory"):
+        pipeline.run(config.load(tiny()), tmp_path / "run")
+    assert RunStore(tmp_path / "run").meta()["status"] == "failed"
+    assert (tmp_path / "run" / "utility.csv").is_file()  # round 0 was kept
 
 
 SEEN = []
