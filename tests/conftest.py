@@ -4,6 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread per process: on a 2-core machine shared with Ray actors and SuperNodes, torch's
+# default of one thread per core oversubscribes the CPU and slows tests several-fold.
+torch.set_num_threads(1)
 
 DATA_ROOT = Path(
     os.environ.get(

@@ -113,7 +113,9 @@ class Deployment:
 
     def __call__(self, exp: Experiment, store: RunStore) -> None:
         """Federate ``exp``; the server writes into ``store``."""
-        env = {**os.environ, **QUIET_ENV}
+        # flwr looks up flower-superlink (for "local") on PATH: use this environment's scripts.
+        scripts = str(Path(sys.executable).parent)
+        env = {**os.environ, **QUIET_ENV, "PATH": scripts + os.pathsep + os.environ.get("PATH", "")}
         cmd = self.command(exp, store)
         done = subprocess.run(cmd, env=env, timeout=self.timeout, check=False)
         if done.returncode != 0:

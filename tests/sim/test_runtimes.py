@@ -1,0 +1,128 @@
+"""The same experiment on Flower's real runtimes: simulation engine (Ray) and deployment engine.
+
+Both are slow (Ray start-up; one process per message on SuperNodes) and marked so.
+"""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedleak import config, pipeline
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def same_run_directory(a: Path, b: Path) -> None:
+    """Identical utility, results and captured views (timings aside)."""
+    for name in ("utility.csv", "results.csv"):
+        assert read(a / name) == read(b / name), name
+    views = sorted(p.name for p in (a / "views").iterdir())
+    assert views == sorted(p.name for p in (b / "views").iterdir()) and views
+    for name in views:
+        x, y = torch.load(a / "views" / name), torch.load(b / "views" / name)
+        assert all(torch.equal(x["received"][k], y["received"][k]) for k in x["received"])
+
+
+def test_ray_simulation_matches_the_in_process_run(tmp_path, tiny):
+    spec = tiny(runner={"name": "ray", "cpus_per_client": 1, "cpus": 2})
+    ray = pipeline.run(config.load(spec), tmp_path / "ray")
+    local = pipeline.run(config.load(tiny()), tmp_path / "local")
+    assert ray.meta()["status"] == "done" and ray.meta()["runner"] == "ray"
+    assert [int(r["failures"]) for r in ray.rows("utility.csv")] == [0, 0, 0]
+    same_run_directory(ray.root, local.root)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(path: Path, text: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text(errors="replace").count(text) >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"{path} never showed {text!r} x{count}:\n{path.read_text(errors='replace')[-2000:]}"
+    )
+
+
+def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_offline):
+    """SuperLink + 2 SuperNodes over loopback; `flwr run` via the deployment runner."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    logs, procs = tmp_path / "logs", []
+    logs.mkdir()
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    BIN / "flower-superlink",
+                    "--insecure",
+                    "--port",
+                    str(port),
+                    "--disable-runtime-dependency-installation",
+                ],
+                stdout=(logs / "superlink.log").open("w"),
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        )
+        for i in range(2):
+            node_env = {**env, "FLWR_HOME": str(tmp_path / f"node{i}")}
+            procs.append(
+                subprocess.Popen(
+                    [
+                        BIN / "flower-supernode",
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        f"partition-id={i} num-partitions=2",
+                    ],
+                    stdout=(logs / f"node{i}.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                    env=node_env,
+                )
+            )
+        wait_for(logs / "superlink.log", "Activated node_id", 2, timeout=120)
+        with (Path(flower_offline) / "config.toml").open("a") as f:
+            f.write(f'\n[superlink.fedleak-test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        spec = tiny(
+            clients=2,
+            rounds=1,
+            observe={"rounds": [1]},
+            runner={"name": "deployment", "federation": "fedleak-test", "timeout": 900},
+        )
+        store = pipeline.run(config.load(spec), tmp_path / "run")
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+    assert store.meta()["status"] == "done" and store.meta()["server"] == "done"
+    assert [int(r["failures"]) for r in store.rows("utility.csv")] == [0, 0]
+    assert sorted(store.observed()) == [(1, 0), (1, 1)]
+    assert len(store.rows("results.csv")) == 2
+    # the ServerApp ran in its own process and reached the same numbers as the in-process run
+    local = pipeline.run(
+        config.load(tiny(clients=2, rounds=1, observe={"rounds": [1]})), tmp_path / "local"
+    )
+    same_run_directory(store.root, local.root)
