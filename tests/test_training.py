@@ -52,3 +52,23 @@ def test_steps_mode_and_determinism():
 def test_bad_options(bad):
     with pytest.raises(ConfigError, match="sgd: "):
         TRAINERS.build({"name": "sgd", **bad})
+
+
+class FirstExampleOnly:
+    """A training defense that trains on the first example of every batch only."""
+
+    def wrap(self, model, optimizer, batches, rng):
+        return model, optimizer, [Batch(b.inputs[:1], b.labels[:1]) for b in batches]
+
+
+def test_training_defenses_wrap_the_batches_and_the_truth_follows():
+    trainer = TRAINERS.build({"name": "sgd", "local_steps": 2, "batch_size": 3})
+    batch = data()
+    result = trainer.fit(
+        nn.Linear(3, 2),
+        batch,
+        nn.functional.cross_entropy,
+        torch.Generator().manual_seed(0),
+        (FirstExampleOnly(),),
+    )
+    assert result.steps == 2 and result.batch_size == 1 and len(result.used) == 2

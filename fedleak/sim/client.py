@@ -24,6 +24,7 @@ from fedleak.core import Batch
 TRUTH_KEY = "fedleak.truth"  # the simulation's ground-truth channel; never reaches an attack
 CONFIG_KEY = "fedleak-config"  # the resolved experiment, sent in every train config
 CLIENT_KEY = "fedleak-client"  # the client (partition) the server asks this node to play
+REPORT_KEY = "fedleak.report"  # who the client is and how it trained (FedAvg averages metrics)
 
 app = ClientApp()
 
@@ -68,19 +69,13 @@ def train(msg: Message, context: Context) -> Message:
         exp, client, round, msg.content["arrays"].to_torch_state_dict()
     )
     result = update.result
-    metrics = MetricRecord(
-        {
-            "num-examples": len(result.used),
-            "client": client,
-            "train_loss": result.loss,
-            "local_steps": result.steps,
-            "batch_size": result.batch_size,
-        }
-    )
     content = RecordDict(
         {
             "arrays": ArrayRecord(update.params),
-            "metrics": metrics,
+            "metrics": MetricRecord({"num-examples": len(result.used), "train_loss": result.loss}),
+            REPORT_KEY: ConfigRecord(
+                {"client": client, "local_steps": result.steps, "batch_size": result.batch_size}
+            ),
             TRUTH_KEY: ConfigRecord({"batch": _dump(update.truth)}),
         }
     )

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedleak import config, federation
 from fedleak.config import Experiment
-from fedleak.sim.client import CLIENT_KEY, CONFIG_KEY, TRUTH_KEY, load_truth
+from fedleak.sim.client import CLIENT_KEY, CONFIG_KEY, REPORT_KEY, TRUTH_KEY, load_truth
 from fedleak.store import RunStore
 
 log = logging.getLogger("fedleak")
@@ -132,7 +132,7 @@ class Observed(Strategy):
         )
         if federation.observed_clients(self.exp, server_round, clients):
             self.store.write_sent(server_round, params, secrets)
-        self._round = {"sampled": len(clients), "started": time.monotonic()}
+        self._round = {"sampled": len(clients)}
         log.debug("round %d: training clients %s", server_round, clients)
         participants = _Participants(grid, list(self._assigned))
         messages = list(
@@ -164,24 +164,26 @@ class Observed(Strategy):
         sampled = federation.sample_clients(self.exp, server_round)
         watched = set(federation.observed_clients(self.exp, server_round, sampled))
         for reply in ok:
-            truth = load_truth(reply.content.pop(TRUTH_KEY))  # never stored with the view
-            metrics = reply.content["metrics"]
-            client = int(metrics["client"])
+            truth = reply.content.pop(TRUTH_KEY)  # stripped from every reply, stored apart
+            report = reply.content[REPORT_KEY]
+            client = int(report["client"])
             if client in watched:
-                report = {
-                    "num_examples": int(metrics["num-examples"]),
-                    "loss": float(metrics["train_loss"]),
-                    "local_steps": int(metrics["local_steps"]),
-                    "batch_size": int(metrics["batch_size"]),
-                }
+                received = reply.content["arrays"].to_torch_state_dict()
                 self.store.write_view(
-                    server_round, client, reply.content["arrays"].to_torch_state_dict(), report
+                    server_round,
+                    client,
+                    received,
+                    {
+                        "num_examples": int(reply.content["metrics"]["num-examples"]),
+                        "loss": float(reply.content["metrics"]["train_loss"]),
+                        "local_steps": int(report["local_steps"]),
+                        "batch_size": int(report["batch_size"]),
+                    },
                 )
-                self.store.write_truth(server_round, client, truth)
-        self._round.update(
-            failures=len(replies) - len(ok),
-            train_loss=sum(float(r.content["metrics"]["train_loss"]) for r in ok) / max(len(ok), 1),
-        )
+                self.store.write_truth(server_round, client, load_truth(truth))
+        losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
+        mean_loss = sum(losses) / len(losses) if losses else float("nan")  # no reply: timed out
+        self._round.update(failures=len(replies) - len(ok), train_loss=mean_loss)
         return self.inner.aggregate_train(server_round, ok)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102

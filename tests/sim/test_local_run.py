@@ -134,3 +134,15 @@ def test_a_non_empty_output_directory_is_refused(tmp_path, tiny):
     (tmp_path / "x").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):
         pipeline.run(config.load(tiny()), tmp_path)
+
+
+def test_server_modifiers_shape_what_is_sent_and_captured(tmp_path, tiny):
+    spec = tiny(modifiers=[{"name": "prune_global", "amount": 0.5}], attacks=[])
+    store = pipeline.run(config.load(spec), tmp_path / "run")
+    sent = torch.load(store.root / "sent" / "r0001.pt")["params"]
+    weights = torch.cat(
+        [v.flatten() for k, v in sent.items() if k.endswith("weight") and v.ndim > 1]
+    )
+    assert (weights == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    view = next(iter(store.views(config.load(spec))))
+    assert all(torch.equal(view.sent[k], sent[k]) for k in sent)

@@ -1,0 +1,169 @@
+"""DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) through Opacus.
+
+Each local step Poisson-samples the client's examples (each one independently, with rate q),
+clips every per-example gradient to L2 norm ``max_grad_norm`` and adds Gaussian noise of std
+``noise_multiplier · max_grad_norm`` to their sum.  This is record-level DP for one client's
+data, the defense with a formal guarantee against any reconstruction attack: no update depends
+much on any one example.  Opacus (Yousefpour et al. 2021) does the per-example work:
+``PrivacyEngine.make_private`` wraps the model in a ``GradSampleModule`` (which shares the
+model's parameters, so the trainer's steps land in the client's model and its state-dict keys
+are unchanged), the optimiser in a ``DPOptimizer`` and the data in a Poisson ``DPDataLoader``.
+
+Choices and caveats:
+
+* The data set is the distinct examples of the batches the trainer planned, and the expected
+  batch size is the trainer's: q = 1 / ceil(n / batch_size), Opacus's choice (≈ batch_size/n).
+  With ``local_epochs >= 1`` (or full-batch FedSGD) the planned batches cover the whole
+  partition; with fewer local steps than an epoch they cover only those steps' examples, and q
+  is that of the smaller set.
+* The client makes as many Poisson draws as the trainer planned steps.  Poisson sampling can
+  draw an empty batch; the trainer cannot step on one (its mean loss would be NaN), so empty
+  draws are skipped and the recorded ground truth is the examples actually drawn.  Accounting
+  for every planned draw (``epsilon`` with the planned step count) is then conservative, but the
+  number of steps a client reports reveals how many draws were empty.
+* ε composes over a client's whole history: ``epsilon(steps, sample_rate)`` gives it for all the
+  local steps of all rounds the client took part in.  Flower's Opacus example builds a new
+  ``PrivacyEngine`` each round and so reports one round's ε; the engine built here is
+  likewise discarded, and only ``epsilon`` should be reported.
+* Randomness (sampling and noise) comes from the client's ``rng``, so runs are reproducible from
+  the experiment seed; this is Opacus's non-secure mode, fine for research, not for deployment.
+* Per-example gradients need layers that treat examples independently: BatchNorm mixes them
+  and is refused (``check``); build the model with group norm instead (``norm = "group"``).
+
+Threat model: the client trains privately; the server sees the noisy update and may run any
+attack on it.  The guarantee covers the client's records, not which client took part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import types
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fedleak.core import Batch
+from fedleak.defenses import DEFENSES
+
+
+@DEFENSES.register("dpsgd")
+@dataclass
+class DPSGD:
+    """DP-SGD with Opacus: Poisson sampling, per-example clipping, Gaussian noise."""
+
+    noise_multiplier: float = 1.0  # noise std / max_grad_norm (Opacus's sigma)
+    max_grad_norm: float = 1.0  # L2 bound on each per-example gradient
+    delta: float = 1e-5  # the δ of the (ε, δ) guarantee that epsilon() reports
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus accountant: Rényi DP or PRV (tighter)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.noise_multiplier < math.inf:  # also rejects NaN
+            raise ValueError(
+                f"dpsgd: noise_multiplier must be >= 0 and finite, got {self.noise_multiplier}"
+            )
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(
+                f"dpsgd: max_grad_norm must be > 0 and finite, got {self.max_grad_norm}"
+            )
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dpsgd: delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ValueError(f"dpsgd: accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Iterable[Batch],
+        rng: torch.Generator,
+    ) -> tuple[nn.Module, torch.optim.Optimizer, list[Batch]]:
+        """Make ``model`` and ``optimizer`` private; replace ``batches`` by Poisson draws."""
+        opacus = _opacus()
+        self.check(model)
+        planned = list(batches)
+        if not planned:
+            return model, optimizer, planned
+        data = _distinct(planned)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(data.inputs, data.labels),
+            batch_size=len(planned[0]),  # the trainer's batch size (only the last may be smaller)
+            generator=rng,  # Opacus's Poisson sampler inherits it
+        )
+        with warnings.catch_warnings():
+            # Deliberate: seeded (non-secure) randomness is what makes runs reproducible.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = opacus.PrivacyEngine(accountant=self.accountant)
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=rng,
+        )
+        # One Poisson draw per planned step; each pass over the loader is ceil(n / batch) draws.
+        passes = itertools.chain.from_iterable(itertools.repeat(loader))
+        draws = itertools.islice(passes, len(planned))
+        return model, optimizer, [Batch(x, y) for x, y in draws if len(y) > 0]
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError if Opacus cannot compute per-example gradients for ``model``."""
+        opacus = _opacus()
+        problems = opacus.validators.ModuleValidator.validate(model, strict=False)
+        if problems:
+            listed = "; ".join(dict.fromkeys(str(p) for p in problems))
+            raise ValueError(
+                f"dpsgd: Opacus cannot train this model privately: {listed}. BatchNorm mixes "
+                "the examples of a batch; use group norm instead (in the config: [model] "
+                'norm = "group")'
+            )
+
+    def sample_rate(self, examples: int, batch_size: int) -> float:
+        """The Poisson rate q that ``wrap`` uses for ``examples`` at ``batch_size`` per step."""
+        return 1 / math.ceil(examples / min(batch_size or examples, examples))
+
+    def epsilon(self, steps: int, sample_rate: float) -> float:
+        """ε after ``steps`` local steps at Poisson rate ``sample_rate``, at this ``delta``.
+
+        ``steps`` is a client's whole history: every local step of every round it took part in
+        (all at the same rate q).  The accountant is Opacus's, fed that history at once.
+        """
+        if steps < 0 or not 0 < sample_rate <= 1:
+            raise ValueError(
+                f"dpsgd: need steps >= 0 and sample_rate in (0, 1], got {steps}, {sample_rate}"
+            )
+        if steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:  # no noise: no guarantee
+            return math.inf
+        accountant = _opacus().accountants.create_accountant(self.accountant)
+        accountant.history = [(self.noise_multiplier, sample_rate, steps)]
+        return float(accountant.get_epsilon(delta=self.delta))
+
+
+def _opacus() -> types.ModuleType:
+    """The opacus package (an optional dependency: imported when a method needs it)."""
+    try:
+        import opacus
+        import opacus.accountants
+        import opacus.validators
+    except ImportError:
+        raise ImportError('dpsgd needs opacus: pip install "fedleak[dp]"') from None
+    return opacus
+
+
+def _distinct(batches: list[Batch]) -> Batch:
+    """The distinct examples of ``batches`` (epochs revisit them), in first-use order."""
+    inputs = torch.cat([b.inputs for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    _, inverse = torch.unique(inputs.reshape(len(inputs), -1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(inputs), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(inputs)), reduce="amin")
+    keep = first.sort().values
+    return Batch(inputs[keep], labels[keep])
