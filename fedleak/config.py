@@ -205,6 +205,12 @@ class Experiment:
                     f"{task.modality} attack: {', '.join(_names(ATTACKS, task.modality))}."
                 )
         model = self.build_model()
+        for i, defense in enumerate(self.defenses):
+            if hasattr(defense, "check"):  # e.g. dpsgd: Opacus refuses BatchNorm
+                try:
+                    defense.check(model)
+                except ValueError as err:
+                    raise ConfigError(f"[defenses.{i}] {err}") from None
         sample = self.client_data(0)
         try:
             logits = model(sample.inputs[:1])

@@ -105,6 +105,15 @@ def test_mismatches_found_by_check(tiny):
         config.load(tiny(model={"name": "flat784"})).check()
 
 
+def test_defense_and_model_mismatch_found_by_check(tiny):
+    spec = tiny(model={"name": "convnet", "width": 4}, defenses=[{"name": "dpsgd"}])
+    with pytest.raises(ConfigError, match=r'\[defenses.0\] dpsgd: .*\[model\] norm = "group"'):
+        config.load(spec).check()
+    config.load(
+        tiny(model={"name": "convnet", "width": 4, "norm": "group"}, defenses=[{"name": "dpsgd"}])
+    ).check()
+
+
 def test_attack_and_data_modality_mismatch(tiny, monkeypatch):
     exp = config.load(tiny())
     monkeypatch.setattr(type(exp.attacks[0]), "modality", "text")

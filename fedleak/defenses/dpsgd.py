@@ -116,13 +116,17 @@ class DPSGD:
         """Raise ValueError if Opacus cannot compute per-example gradients for ``model``."""
         opacus = _opacus()
         problems = opacus.validators.ModuleValidator.validate(model, strict=False)
-        if problems:
-            listed = "; ".join(dict.fromkeys(str(p) for p in problems))
-            raise ValueError(
-                f"dpsgd: Opacus cannot train this model privately: {listed}. BatchNorm mixes "
-                "the examples of a batch; use group norm instead (in the config: [model] "
-                'norm = "group")'
+        if not problems:
+            return
+        # Opacus's messages run to a paragraph each; their first sentences say what is wrong.
+        listed = "; ".join(dict.fromkeys(str(p).split(". ")[0].rstrip(".") for p in problems))
+        fix = " Opacus's ModuleValidator.validate(model) explains each problem and its fix."
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            fix = (
+                " BatchNorm mixes the examples of a batch, so per-example gradients do not "
+                'exist; use group norm instead (in the config: [model] norm = "group").'
             )
+        raise ValueError(f"dpsgd: Opacus cannot train this model privately: {listed}.{fix}")
 
     def sample_rate(self, examples: int, batch_size: int) -> float:
         """The Poisson rate q that ``wrap`` uses for ``examples`` at ``batch_size`` per step."""

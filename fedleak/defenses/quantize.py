@@ -65,7 +65,7 @@ class Quantization:
         if tensor.numel() == 0:
             return tensor
         low, step, steps = self.grid_of(tensor)
-        if not step > 0:  # constant (or all-zero) tensor: already on its grid; NaN: leave it
+        if not step > 0:  # constant (minmax) or all-zero tensor: on its grid already; NaN: kept
             return tensor
         # Work in float64 on the CPU, where the generator lives: level indices up to 2**16 and
         # the rounding probabilities stay exact, whatever the update's dtype.

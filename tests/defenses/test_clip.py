@@ -63,3 +63,32 @@ def test_bad_max_norm_raises(max_norm):
         DEFENSES["clip"](max_norm=max_norm)
     with pytest.raises(ConfigError, match="max_norm"):
         DEFENSES.build({"name": "clip", "max_norm": max_norm})
+
+
+def test_coordinate_clip_bounds_every_coordinate_and_keeps_the_rest():
+    delta = _delta(scale=0.02)
+    clipped = DEFENSES["coordinate_clip"](bound=0.01)(delta, seeding.rng(0))
+    for name, d in delta.items():
+        if not d.is_floating_point():
+            assert torch.equal(clipped[name], d)
+            continue
+        bound = torch.tensor(0.01, dtype=d.dtype)  # the bound as the tensor's dtype rounds it
+        assert clipped[name].abs().max() <= bound
+        inside = d.abs() <= bound
+        assert inside.any() and (~inside).any()
+        assert torch.equal(clipped[name][inside], d[inside])
+        assert torch.equal(clipped[name][~inside], bound * d[~inside].sign())
+
+
+def test_coordinate_clip_large_bound_is_identity():
+    delta = _delta()
+    clipped = DEFENSES["coordinate_clip"](bound=1e6)(delta, seeding.rng(0))
+    assert all(torch.equal(clipped[k], delta[k]) for k in delta)
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
+def test_bad_bound_raises(bound):
+    with pytest.raises(ValueError, match="coordinate_clip: bound must be > 0"):
+        DEFENSES["coordinate_clip"](bound=bound)
+    with pytest.raises(ConfigError, match="bound"):
+        DEFENSES.build({"name": "coordinate_clip", "bound": bound})

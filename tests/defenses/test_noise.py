@@ -60,3 +60,31 @@ def test_bad_std_raises(std):
         DEFENSES["gaussian_noise"](std=std)
     with pytest.raises(ConfigError, match="std"):
         DEFENSES.build({"name": "gaussian_noise", "std": std})
+
+
+def test_laplacian_empirical_std_and_mean_absolute_deviation():
+    delta = {"w": torch.zeros(200_000)}
+    noisy = DEFENSES["laplacian_noise"](scale=0.05)(delta, seeding.rng(0))["w"]
+    assert noisy.std().item() == pytest.approx(2**0.5 * 0.05, rel=0.02)
+    assert noisy.mean().item() == pytest.approx(0, abs=0.05 * 0.02)
+    # E|X| = b for Laplace(0, b); a Gaussian of the same std would give 1.128·b.
+    assert noisy.abs().mean().item() == pytest.approx(0.05, rel=0.02)
+
+
+def test_laplacian_zero_scale_is_identity_and_deterministic():
+    delta = _delta()
+    same = DEFENSES["laplacian_noise"](scale=0.0)(delta, seeding.rng(0))
+    assert all(torch.equal(same[k], delta[k]) for k in delta)
+    defense = DEFENSES["laplacian_noise"](scale=0.1)
+    a, b = defense(_delta(), seeding.rng(3)), defense(_delta(), seeding.rng(3))
+    c = defense(_delta(), seeding.rng(4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv.weight"], c["conv.weight"])
+
+
+@pytest.mark.parametrize("scale", [-1.0, float("nan")])
+def test_bad_laplacian_scale_raises(scale):
+    with pytest.raises(ValueError, match="laplacian_noise: scale must be >= 0"):
+        DEFENSES["laplacian_noise"](scale=scale)
+    with pytest.raises(ConfigError, match="scale"):
+        DEFENSES.build({"name": "laplacian_noise", "scale": scale})

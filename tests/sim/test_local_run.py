@@ -72,7 +72,7 @@ def test_a_round_where_every_client_fails_stops_the_run(tmp_path, monkeypatch, t
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(federation, "local_update", broken)
-    with pytest.raises(RuntimeError, match="round 1: all 2 sampled clients failed.*out of memory"):
+    with pytest.raises(RuntimeError, match=r"round 1: all 2 sampled clients failed.*out of memory"):
         pipeline.run(config.load(tiny()), tmp_path / "run")
     assert RunStore(tmp_path / "run").meta()["status"] == "failed"
     assert (tmp_path / "run" / "utility.csv").is_file()  # round 0 was kept
