@@ -32,6 +32,7 @@ from torch import nn
 from fedleak import seeding
 from fedleak.attacks import ATTACKS
 from fedleak.core import (
+    AggregationDefense,
     Attack,
     Batch,
     Dataset,
@@ -143,12 +144,17 @@ class Experiment:
     @property
     def update_defenses(self) -> tuple[UpdateDefense, ...]:
         """Defenses that transform the update, in config order."""
-        return tuple(d for d in self.defenses if not hasattr(d, "wrap"))
+        return tuple(d for d in self.defenses if stage(d) == "update")
 
     @property
     def training_defenses(self) -> tuple[TrainingDefense, ...]:
         """Defenses that change local training, in config order."""
-        return tuple(d for d in self.defenses if hasattr(d, "wrap"))
+        return tuple(d for d in self.defenses if stage(d) == "training")
+
+    @property
+    def secure_aggregation(self) -> AggregationDefense | None:
+        """The aggregation protocol that hides individual updates, if the clients use one."""
+        return next((d for d in self.defenses if stage(d) == "aggregation"), None)
 
     def dataset(self) -> Dataset:
         """The loaded data set (cached per process: every client of a process shares it)."""
@@ -228,6 +234,13 @@ class Experiment:
 
 _DATASET_CACHE: dict[str, Dataset] = {}
 _PARTITION_CACHE: dict[tuple, list[torch.Tensor]] = {}
+
+
+def stage(defense: Any) -> str:
+    """Where a defense acts, from the protocol it implements (see fedleak.core)."""
+    if hasattr(defense, "wrap"):
+        return "training"
+    return "aggregation" if hasattr(defense, "aggregate") else "update"
 
 
 def _names(registry: Registry[Any], modality: str) -> list[str]:
@@ -351,6 +364,8 @@ def build(raw: Mapping[str, Any]) -> Experiment:
             f"[observe] clients_per_round={observe.clients_per_round} exceeds the "
             f"clients_per_round={federation.clients_per_round} sampled each round."
         )
+    if sum(stage(d) == "aggregation" for d in arrays["defenses"]) > 1:
+        raise ConfigError("[defenses] at most one secure-aggregation protocol per experiment.")
     for attack in arrays["attacks"]:
         missing = [
             m

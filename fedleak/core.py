@@ -11,6 +11,7 @@ options.  No base classes: a plugin only has to match its protocol below.
 * :class:`Attack`          — server side, ``view -> Reconstruction``.
 * :class:`UpdateDefense`   — client side, transforms the update a client sends.
 * :class:`TrainingDefense` — client side, changes how a client trains (DP-SGD, dropout, ...).
+* :class:`AggregationDefense` — both sides, hides individual updates (secure aggregation).
 * :class:`Trainer`         — client side, the local training procedure.
 * :class:`ModelModifier`   — server side, transforms the global model before it is sent.
 * :class:`DataSource`, :class:`Partitioner`, :class:`ModelSpec` — the task, its data, the model.
@@ -183,6 +184,14 @@ class TrainingDefense(Protocol):
         rng: torch.Generator,
     ) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]:
         """Return the (possibly wrapped) model, optimiser and batches to train with."""
+
+
+@runtime_checkable
+class AggregationDefense(Protocol):
+    """Both sides: a protocol under which the server sees only a round's aggregate update."""
+
+    def aggregate(self, received: list[Params], weights: list[int]) -> Params:
+        """What the server learns from the round's states, weighted by example counts."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,11 @@ import torch
 
 from fedleak.core import Batch, Params, Secrets, ServerView
 
-_VIEW = re.compile(r"r(\d+)_c(\d+)\.pt$")
+_VIEW = re.compile(r"r(\d+)_c(-?\d+)\.pt$")  # client -1: a securely aggregated round
+
+
+def _name(round: int, client: int) -> str:
+    return f"r{round:04d}_c{client:04d}.pt"
 
 
 class RunStore:
@@ -115,12 +119,12 @@ class RunStore:
         self, round: int, client: int, received: Params, report: Mapping[str, Any]
     ) -> None:
         """What ``client`` sent back in ``round``, with the metadata it reported."""
-        self._save(f"views/r{round:04d}_c{client:04d}.pt", {"received": received, **report})
+        self._save(f"views/{_name(round, client)}", {"received": received, **report})
 
     def write_truth(self, round: int, client: int, truth: Batch) -> None:
         """The examples ``client`` trained on in ``round`` (for metrics only)."""
         self._save(
-            f"truth/r{round:04d}_c{client:04d}.pt",
+            f"truth/{_name(round, client)}",
             {"inputs": truth.inputs, "labels": truth.labels},
         )
 
@@ -138,7 +142,7 @@ class RunStore:
             if round not in sent_cache:
                 sent_cache = {round: self._load(f"sent/r{round:04d}.pt")}
             sent = sent_cache[round]
-            stored = self._load(f"views/r{round:04d}_c{client:04d}.pt")
+            stored = self._load(f"views/{_name(round, client)}")
             yield ServerView(
                 round=round,
                 client=client,
@@ -158,5 +162,5 @@ class RunStore:
 
     def truth(self, round: int, client: int) -> Batch:
         """The examples ``client`` trained on in ``round``."""
-        stored = self._load(f"truth/r{round:04d}_c{client:04d}.pt")
+        stored = self._load(f"truth/{_name(round, client)}")
         return Batch(stored["inputs"], stored["labels"])

@@ -20,14 +20,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedleak import config, federation
 from fedleak.config import Experiment
+from fedleak.core import AggregationDefense, Batch, Params
 from fedleak.sim.client import CLIENT_KEY, CONFIG_KEY, REPORT_KEY, TRUTH_KEY, load_truth
 from fedleak.store import RunStore
 
@@ -61,6 +64,53 @@ class _Participants(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class _Captured:
+    """One captured update: what the server received and reported, and the truth beside it."""
+
+    client: int
+    received: Params
+    report: dict[str, float]
+    truth: Batch
+
+    @classmethod
+    def of(cls, reply: Message, truth: Batch) -> _Captured:
+        """What one client's reply shows the server."""
+        metrics, report = reply.content["metrics"], reply.content[REPORT_KEY]
+        return cls(
+            client=int(report["client"]),
+            received=reply.content["arrays"].to_torch_state_dict(),
+            report={
+                "num_examples": int(metrics["num-examples"]),
+                "loss": float(metrics["train_loss"]),
+                "local_steps": int(report["local_steps"]),
+                "batch_size": int(report["batch_size"]),
+            },
+            truth=truth,
+        )
+
+    @classmethod
+    def aggregate(cls, parts: list[_Captured], secure: AggregationDefense) -> _Captured:
+        """The round as one client (index -1): what secure aggregation lets the server see."""
+        counts = [int(p.report["num_examples"]) for p in parts]
+        total = sum(counts)
+        return cls(
+            client=-1,
+            received=secure.aggregate([p.received for p in parts], counts),
+            report={
+                "num_examples": total,
+                "loss": sum(p.report["loss"] * n for p, n in zip(parts, counts, strict=True))
+                / total,
+                "local_steps": max(int(p.report["local_steps"]) for p in parts),
+                "batch_size": sum(int(p.report["batch_size"]) for p in parts),
+            },
+            truth=Batch(
+                torch.cat([p.truth.inputs for p in parts]),
+                torch.cat([p.truth.labels for p in parts]),
+            ),
+        )
 
 
 class Observed(Strategy):
@@ -163,24 +213,18 @@ class Observed(Strategy):
                 )
         sampled = federation.sample_clients(self.exp, server_round)
         watched = set(federation.observed_clients(self.exp, server_round, sampled))
-        for reply in ok:
+        secure = self.exp.secure_aggregation
+        captured = []
+        for reply in sorted(ok, key=lambda r: int(r.content[REPORT_KEY]["client"])):
             truth = reply.content.pop(TRUTH_KEY)  # stripped from every reply, stored apart
-            report = reply.content[REPORT_KEY]
-            client = int(report["client"])
-            if client in watched:
-                received = reply.content["arrays"].to_torch_state_dict()
-                self.store.write_view(
-                    server_round,
-                    client,
-                    received,
-                    {
-                        "num_examples": int(reply.content["metrics"]["num-examples"]),
-                        "loss": float(reply.content["metrics"]["train_loss"]),
-                        "local_steps": int(report["local_steps"]),
-                        "batch_size": int(report["batch_size"]),
-                    },
-                )
-                self.store.write_truth(server_round, client, load_truth(truth))
+            client = int(reply.content[REPORT_KEY]["client"])
+            if client in watched or (secure and watched):
+                captured.append(_Captured.of(reply, load_truth(truth)))
+        if secure and captured:  # simulated SecAgg: the server learns the aggregate only
+            captured = [_Captured.aggregate(captured, secure)]
+        for c in captured:
+            self.store.write_view(server_round, c.client, c.received, c.report)
+            self.store.write_truth(server_round, c.client, c.truth)
         losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
         mean_loss = sum(losses) / len(losses) if losses else float("nan")  # no reply: timed out
         self._round.update(failures=len(replies) - len(ok), train_loss=mean_loss)

@@ -8,7 +8,7 @@ from fedleak.core import UpdateDefense
 from fedleak.defenses import DEFENSES
 from fedleak.registry import ConfigError
 
-UPDATE_DEFENSES = [n for n in DEFENSES.names() if not hasattr(DEFENSES[n], "wrap")]
+UPDATE_DEFENSES = [n for n in DEFENSES.names() if config.stage(DEFENSES[n]) == "update"]
 
 # One out-of-range value per defense of the classic families (others: an unknown option only).
 BAD_OPTIONS = {
@@ -83,7 +83,8 @@ def _experiment(defense: dict) -> dict:
 def test_loads_through_config_and_bad_options_name_the_defense(name):
     exp = config.load(_experiment({"name": name}))
     assert [d.name for d in exp.defenses] == [name]
-    assert (exp.training_defenses or exp.update_defenses)[0] is exp.defenses[0]
+    by_stage = (*exp.training_defenses, *exp.update_defenses, exp.secure_aggregation)
+    assert by_stage[0] is exp.defenses[0]
     with pytest.raises(ConfigError, match=name):
         config.load(_experiment({"name": name, "no_such_option": 1}))
     if name in BAD_OPTIONS:

@@ -146,3 +146,23 @@ def test_server_modifiers_shape_what_is_sent_and_captured(tmp_path, tiny):
     assert (weights == 0).float().mean() == pytest.approx(0.5, abs=0.01)
     view = next(iter(store.views(config.load(spec))))
     assert all(torch.equal(view.sent[k], sent[k]) for k in sent)
+
+
+def test_secure_aggregation_capture_sees_no_individual_update(tmp_path, tiny):
+    spec = tiny(defenses=[{"name": "secure_aggregation"}], rounds=1, observe={"rounds": [1]})
+    exp = config.load(spec)
+    store = pipeline.run(exp, tmp_path / "run")
+    assert store.observed() == [(1, -1)]  # one aggregate view, no per-client view
+    view = next(iter(store.views(exp)))
+    sent = federation.initial_params(exp)
+    clients = federation.sample_clients(exp, 1)
+    updates = [federation.local_update(exp, c, 1, sent) for c in clients]
+    counts = [len(u.truth) for u in updates]
+    for k in sent:
+        if sent[k].is_floating_point():
+            mean = sum(u.params[k] * n for u, n in zip(updates, counts, strict=True)) / sum(counts)
+            torch.testing.assert_close(view.received[k], mean)
+    for update in updates:  # and it is none of the individual updates
+        assert any(not torch.allclose(view.received[k], update.params[k]) for k in sent)
+    assert view.num_examples == sum(counts) and len(store.truth(1, -1)) == sum(counts)
+    assert len(store.rows("results.csv")) == 1
