@@ -37,6 +37,7 @@ from fedleak.core import (
     Batch,
     Dataset,
     DataSource,
+    GradientDefense,
     ModelModifier,
     ModelSpec,
     Partitioner,
@@ -147,8 +148,8 @@ class Experiment:
         return tuple(d for d in self.defenses if stage(d) == "update")
 
     @property
-    def training_defenses(self) -> tuple[TrainingDefense, ...]:
-        """Defenses that change local training, in config order."""
+    def training_defenses(self) -> tuple[TrainingDefense | GradientDefense, ...]:
+        """Defenses that change local training (wrap it, or act on each step), in config order."""
         return tuple(d for d in self.defenses if stage(d) == "training")
 
     @property
@@ -238,7 +239,7 @@ _PARTITION_CACHE: dict[tuple, list[torch.Tensor]] = {}
 
 def stage(defense: Any) -> str:
     """Where a defense acts, from the protocol it implements (see fedleak.core)."""
-    if hasattr(defense, "wrap"):
+    if hasattr(defense, "wrap") or hasattr(defense, "gradients"):
         return "training"
     return "aggregation" if hasattr(defense, "aggregate") else "update"
 

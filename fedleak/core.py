@@ -11,6 +11,7 @@ options.  No base classes: a plugin only has to match its protocol below.
 * :class:`Attack`          — server side, ``view -> Reconstruction``.
 * :class:`UpdateDefense`   — client side, transforms the update a client sends.
 * :class:`TrainingDefense` — client side, changes how a client trains (DP-SGD, dropout, ...).
+* :class:`GradientDefense` — client side, transforms each local step's gradients.
 * :class:`AggregationDefense` — both sides, hides individual updates (secure aggregation).
 * :class:`Trainer`         — client side, the local training procedure.
 * :class:`ModelModifier`   — server side, transforms the global model before it is sent.
@@ -187,6 +188,20 @@ class TrainingDefense(Protocol):
 
 
 @runtime_checkable
+class GradientDefense(Protocol):
+    """Client side: transform every local step's gradients, with the batch at hand.
+
+    For defenses that need the examples, not just the update (e.g. sensitivity-weighted noise
+    or pruning): the trainer calls it between ``backward`` and the optimiser step.
+    """
+
+    def gradients(
+        self, model: nn.Module, batch: Batch, loss_fn: LossFn, grads: Params, rng: torch.Generator
+    ) -> Params:
+        """The defended gradients of this step: same keys, shapes and dtypes as ``grads``."""
+
+
+@runtime_checkable
 class AggregationDefense(Protocol):
     """Both sides: a protocol under which the server sees only a round's aggregate update."""
 
@@ -216,9 +231,9 @@ class Trainer(Protocol):
         data: Batch,
         loss_fn: LossFn,
         rng: torch.Generator,
-        defenses: tuple[TrainingDefense, ...] = (),
+        defenses: tuple[TrainingDefense | GradientDefense, ...] = (),
     ) -> TrainResult:
-        """Train ``model`` in place for one round on ``data``."""
+        """Train ``model`` in place for one round on ``data``, applying ``defenses``."""
 
 
 @runtime_checkable

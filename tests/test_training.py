@@ -72,3 +72,26 @@ def test_training_defenses_wrap_the_batches_and_the_truth_follows():
         (FirstExampleOnly(),),
     )
     assert result.steps == 2 and result.batch_size == 1 and len(result.used) == 2
+
+
+class HalveGradients:
+    """A gradient defense that halves every gradient (so one step moves half as far)."""
+
+    def gradients(self, model, batch, loss_fn, grads, rng):
+        assert len(batch) == 7
+        return {k: g / 2 for k, g in grads.items()}
+
+
+def test_gradient_defenses_act_on_each_step_with_the_batch():
+    trainer = TRAINERS.build({"name": "sgd", "lr": 0.2})
+    torch.manual_seed(0)
+    plain, defended = nn.Linear(3, 2), nn.Linear(3, 2)
+    defended.load_state_dict(plain.state_dict())
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    args = (data(), nn.functional.cross_entropy, torch.Generator().manual_seed(0))
+    trainer.fit(plain, *args)
+    trainer.fit(defended, *args, (HalveGradients(),))
+    for k in before:
+        torch.testing.assert_close(
+            defended.state_dict()[k] - before[k], (plain.state_dict()[k] - before[k]) / 2
+        )

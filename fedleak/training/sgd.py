@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedleak.core import Batch, LossFn, TrainingDefense, TrainResult
+from fedleak.core import Batch, GradientDefense, LossFn, TrainingDefense, TrainResult
 from fedleak.training import TRAINERS
 
 
@@ -66,19 +66,22 @@ class SGD:
         data: Batch,
         loss_fn: LossFn,
         rng: torch.Generator,
-        defenses: tuple[TrainingDefense, ...] = (),
+        defenses: tuple[TrainingDefense | GradientDefense, ...] = (),
     ) -> TrainResult:
         """Train ``model`` in place for one round; report loss, steps and the examples used."""
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
         batches = self.batches(data, rng)
-        for defense in defenses:
+        for defense in (d for d in defenses if hasattr(d, "wrap")):
             model, optimizer, batches = defense.wrap(model, optimizer, batches, rng)
+        per_step = [d for d in defenses if hasattr(d, "gradients")]
         model.train()
         losses, used = [], []
         for batch in batches:
             optimizer.zero_grad()
             loss = loss_fn(model(batch.inputs), batch.labels)
             loss.backward()
+            if per_step:
+                _defend_gradients(model, batch, loss_fn, per_step, rng)
             optimizer.step()
             losses.append(loss.item())
             used.append(batch)
@@ -90,6 +93,22 @@ class SGD:
             batch_size=len(used[0]),
             used=_first_use(used),
         )
+
+
+def _defend_gradients(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    defenses: list[GradientDefense],
+    rng: torch.Generator,
+) -> None:
+    """Replace this step's ``.grad``s by what the gradient defenses make of them, in order."""
+    params = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for n, p in params.items()}
+    for defense in defenses:
+        grads = defense.gradients(model, batch, loss_fn, grads, rng)
+    for name, p in params.items():
+        p.grad = grads[name]
 
 
 def _first_use(batches: list[Batch]) -> Batch:
