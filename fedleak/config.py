@@ -130,6 +130,7 @@ class Experiment:
     observe: Observe
     runner: Runner
     resolved: dict[str, Any]  # every option, defaults included: what config.toml records
+    _template: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     loss_fn = staticmethod(nn.functional.cross_entropy)  # classification tasks throughout
 
@@ -182,12 +183,14 @@ class Experiment:
         return Batch(pool.inputs[idx], pool.labels[idx])
 
     def build_model(self) -> nn.Module:
-        """The global architecture (modifiers applied), with the seed's initial weights."""
-        with seeding.isolated(self.seed, "model"):
-            model = self.model(self.dataset().task)
-        for modifier in self.modifiers:
-            model = modifier.architecture(model)
-        return model
+        """A new copy of the global architecture (modifiers applied) with the seed's weights."""
+        if self._template is None:  # built once: clients and attacks ask for it every round
+            with seeding.isolated(self.seed, "model"):
+                model = self.model(self.dataset().task)
+            for modifier in self.modifiers:
+                model = modifier.architecture(model)
+            self._template = model
+        return copy.deepcopy(self._template)
 
     def check(self) -> None:
         """Checks that need the data: partition feasibility and a forward pass of the model.
