@@ -24,6 +24,7 @@ from fedleak.core import Batch
 TRUTH_KEY = "fedleak.truth"  # the simulation's ground-truth channel; never reaches an attack
 CONFIG_KEY = "fedleak-config"  # the resolved experiment, sent in every train config
 CLIENT_KEY = "fedleak-client"  # the client (partition) the server asks this node to play
+WATCHED_KEY = "fedleak-watched"  # whether the server captures this client: only then pack truth
 REPORT_KEY = "fedleak.report"  # who the client is and how it trained (FedAvg averages metrics)
 
 app = ClientApp()
@@ -76,9 +77,10 @@ def train(msg: Message, context: Context) -> Message:
             REPORT_KEY: ConfigRecord(
                 {"client": client, "local_steps": result.steps, "batch_size": result.batch_size}
             ),
-            TRUTH_KEY: ConfigRecord({"batch": _dump(update.truth)}),
         }
     )
+    if cfg.get(WATCHED_KEY, True):
+        content[TRUTH_KEY] = ConfigRecord({"batch": _dump(update.truth)})
     return Message(content, reply_to=msg)
 
 

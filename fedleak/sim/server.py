@@ -31,7 +31,14 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedleak import config, federation
 from fedleak.config import Experiment
 from fedleak.core import AggregationDefense, Batch, Params
-from fedleak.sim.client import CLIENT_KEY, CONFIG_KEY, REPORT_KEY, TRUTH_KEY, load_truth
+from fedleak.sim.client import (
+    CLIENT_KEY,
+    CONFIG_KEY,
+    REPORT_KEY,
+    TRUTH_KEY,
+    WATCHED_KEY,
+    load_truth,
+)
 from fedleak.store import RunStore
 
 log = logging.getLogger("fedleak")
@@ -177,20 +184,24 @@ class Observed(Strategy):
         """Sample, modify the global model, record it if observed; the inner strategy sends."""
         clients = federation.sample_clients(self.exp, server_round)
         self._assigned = self._place(clients, grid)
-        params, secrets = federation.server_model(
-            self.exp, server_round, arrays.to_torch_state_dict()
-        )
-        if federation.observed_clients(self.exp, server_round, clients):
-            self.store.write_sent(server_round, params, secrets)
-        self._round = {"sampled": len(clients)}
+        watched = federation.observed_clients(self.exp, server_round, clients)
+        if self.exp.secure_aggregation and watched:
+            watched = clients  # the aggregate holds every participant's examples
+        if watched or any(m.applies_to(server_round) for m in self.exp.modifiers):
+            params, secrets = federation.server_model(
+                self.exp, server_round, arrays.to_torch_state_dict()
+            )
+            arrays = ArrayRecord(params)
+            if watched:
+                self.store.write_sent(server_round, params, secrets)
+        self._round = {"sampled": len(clients), "watched": watched}
         log.debug("round %d: training clients %s", server_round, clients)
         participants = _Participants(grid, list(self._assigned))
-        messages = list(
-            self.inner.configure_train(server_round, ArrayRecord(params), config, participants)
-        )
+        messages = list(self.inner.configure_train(server_round, arrays, config, participants))
         for msg in messages:  # one config per recipient: FedAvg shares one RecordDict among all
+            client = self._assigned[msg.metadata.dst_node_id]
             cfg = ConfigRecord(
-                {**msg.content["config"], CLIENT_KEY: self._assigned[msg.metadata.dst_node_id]}
+                {**msg.content["config"], CLIENT_KEY: client, WATCHED_KEY: client in watched}
             )
             msg.content = RecordDict({**msg.content, "config": cfg})
         return messages
@@ -211,15 +222,14 @@ class Observed(Strategy):
                 log.warning(
                     "round %d: client %s failed: %s", server_round, client, reply.error.reason
                 )
-        sampled = federation.sample_clients(self.exp, server_round)
-        watched = set(federation.observed_clients(self.exp, server_round, sampled))
         secure = self.exp.secure_aggregation
         captured = []
+        watched = set(self._round["watched"])
         for reply in sorted(ok, key=lambda r: int(r.content[REPORT_KEY]["client"])):
-            truth = reply.content.pop(TRUTH_KEY)  # stripped from every reply, stored apart
-            client = int(reply.content[REPORT_KEY]["client"])
-            if client in watched or (secure and watched):
-                captured.append(_Captured.of(reply, load_truth(truth)))
+            # Watched clients pack their truth; it is stripped before the inner strategy sees it.
+            packed = reply.content.pop(TRUTH_KEY) if TRUTH_KEY in reply.content else None
+            if packed is not None and int(reply.content[REPORT_KEY]["client"]) in watched:
+                captured.append(_Captured.of(reply, load_truth(packed)))
         if secure and captured:  # simulated SecAgg: the server learns the aggregate only
             captured = [_Captured.aggregate(captured, secure)]
         for c in captured:
