@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end in --quick mode and write parseable result tables."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "simulations" / "benchmarks"
+
+
+def run(script: str, out: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_rows(markdown: str, first_column: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header starts with ``first_column``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path):
+    done = run("overhead.py", tmp_path)
+    rows = read(tmp_path / "overhead.csv")
+    # one warm-up and one repeat of each of a, b, a'
+    assert len(rows) == 6
+    assert sorted(r["variant"] for r in rows) == ["a", "a", "a'", "a'", "b", "b"]
+    for row in rows:
+        assert int(row["rounds"]) == 10
+        assert float(row["seconds"]) > 0
+        assert float(row["ms_per_round"]) > 0
+        assert 0 <= float(row["test_accuracy"]) <= 1
+    page = (tmp_path / "overhead.md").read_text()
+    assert "Verdict: a / b = " in page and "cores" in page
+    summary = table_rows(page, "variant")
+    assert [r[0] for r in summary] == ["a", "a'", "b"]
+    for row in summary:
+        seconds, ms, ratio, accuracy = map(float, row[3:7])
+        assert seconds > 0 and ms > 0 and ratio > 0 and 0 <= accuracy <= 1
+    assert float(summary[2][5]) == 1.0  # b against itself
+    assert "| variant | what |" in done.stdout
+
+
+@pytest.mark.slow
+def test_scale_quick(tmp_path):
+    done = run("scale.py", tmp_path)
+    rows = read(tmp_path / "scale.csv")
+    assert [int(r["clients"]) for r in rows] == [10, 100]
+    for row in rows:
+        assert row["status"] == "ok"
+        assert int(row["sampled_per_round"]) == 10 and int(row["rounds"]) == 3
+        assert float(row["wall_s"]) > 0
+        assert 0 < float(row["peak_tree_rss_gib"]) < 24
+        assert float(row["driver_rss_mib"]) > 0
+        assert int(row["processes"]) >= 1
+        assert 0 <= float(row["test_accuracy"]) <= 1
+    page = (tmp_path / "scale.md").read_text()
+    table = table_rows(page, "clients")
+    assert [r[0] for r in table] == ["10", "100"]
+    for row in table:
+        assert all(float(cell) >= 0 for cell in row[3:8])
+    assert "Verdict: 10,000 clients fit in 24 GiB: n/a" in page
+    assert "| clients |" in done.stdout
