@@ -56,3 +56,12 @@ def smallest(values: Tensor, k: int) -> Tensor:
     if k > 0:
         mask[torch.sort(values, stable=True).indices[:k]] = True
     return mask
+
+
+def largest(values: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of 1-D ``values``, with :func:`smallest`'s rules.
+
+    The same stable sort on the negated values: ties go to the earlier entry, the count is
+    exact, NaN is never selected.
+    """
+    return smallest(-values, k)
