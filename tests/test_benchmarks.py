@@ -54,7 +54,9 @@ def test_overhead_quick(tmp_path):
         assert float(row["ms_per_round"]) > 0
         assert 0 <= float(row["test_accuracy"]) <= 1
     page = (tmp_path / "overhead.md").read_text()
-    assert "Verdict: a / b = " in page and "cores" in page
+    assert "Verdict, capture of every update of every round: a / b = " in page
+    assert "Verdict, the experiment as configured (capture of round 1): a' / b = " in page
+    assert "cores" in page
     summary = table_rows(page, "variant")
     assert [r[0] for r in summary] == ["a", "a'", "b"]
     for row in summary:
