@@ -25,40 +25,24 @@ Target: ``a / b <= 1.15`` (full hooks cost at most 15 % over plain Flower).
 
 from __future__ import annotations
 
+import argparse
+import csv
+import logging
+import math
 import os
+import shutil
+import statistics
+import sys
 import tempfile
+import time
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
 
-# Flower's settings must be in place before flwr is imported.
-for _key, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}.items():
-    os.environ.setdefault(_key, _value)
-if "FLWR_HOME" not in os.environ:  # a temporary home, removed when this process exits
-    import atexit
-    import shutil
-
-    os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedleak-flwr-home-")
-    atexit.register(shutil.rmtree, os.environ["FLWR_HOME"], ignore_errors=True)
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import flwr  # noqa: E402, F401 - installs Flower's log handler, tuned below
-import torch  # noqa: E402
-from flwr.app import (  # noqa: E402
+import _bench  # first: keeps Flower offline, so it must be imported before flwr
+import flwr  # noqa: F401 - installs Flower's log handler, tuned below
+import torch
+from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -66,16 +50,16 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
-from fedleak import config, federation  # noqa: E402
-from fedleak.config import Experiment  # noqa: E402
-from fedleak.sim import client  # noqa: E402
-from fedleak.sim.grid import LocalGrid  # noqa: E402
-from fedleak.sim.server import make_server_app  # noqa: E402
-from fedleak.store import RunStore  # noqa: E402
+from fedleak import config, federation
+from fedleak.config import Experiment
+from fedleak.sim import client
+from fedleak.sim.grid import LocalGrid
+from fedleak.sim.server import make_server_app
+from fedleak.store import RunStore
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE.parent / "quickstart_defended.toml"
@@ -202,39 +186,13 @@ def run_plain(exp: Experiment) -> tuple[float, float]:
 
 
 # -- reporting --------------------------------------------------------------------------------
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages."""
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def commit() -> str:
-    """The fedleak git commit measured, marked when the library has uncommitted changes."""
-    repo = HERE.parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--", "fedleak"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    return f"commit {head}" + (" + uncommitted changes in fedleak/" if dirty else "")
-
-
 def machine(threads: int) -> str:
     """One line describing where and when this was measured."""
     return (
-        f"{os.cpu_count()} cores (shared machine; load average at start {load_average()}), "
+        f"{os.cpu_count()} cores (shared machine; load average at start {_bench.load_average()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads, "
         f"{'set with --threads' if threads else 'the default'}), "
-        f"flwr {version('flwr')}, fedleak {commit()}, Python {sys.version.split()[0]}, "
+        f"flwr {version('flwr')}, fedleak {_bench.commit()}, Python {sys.version.split()[0]}, "
         f"{datetime.now().isoformat(timespec='seconds')}"
     )
 
@@ -305,7 +263,7 @@ def markdown(rows: list[dict], exp: Experiment, args: argparse.Namespace, done: 
                 (FULL, "capture of every update of every round"),
             )
         ]
-        lines += ["", f"Load average at the end: {load_average()}."]
+        lines += ["", f"Load average at the end: {_bench.load_average()}."]
     else:
         lines += ["(incomplete: the summary is written when every run has finished)"]
     lines += [

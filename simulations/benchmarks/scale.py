@@ -22,39 +22,24 @@ Target: 10,000 virtual clients fit in 24 GiB of RAM on 2 cores.
 
 from __future__ import annotations
 
+import argparse
+import csv
+import json
+import math
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
+import time
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
 
-# Flower's settings must be in place before flwr is imported (here and in every subprocess).
-for _key, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}.items():
-    os.environ.setdefault(_key, _value)
-if "FLWR_HOME" not in os.environ:  # a temporary home, removed when this process exits
-    import atexit
-    import shutil
-
-    os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedleak-flwr-home-")
-    atexit.register(shutil.rmtree, os.environ["FLWR_HOME"], ignore_errors=True)
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import psutil  # noqa: E402
+import _bench  # first: keeps Flower offline, so it must be imported before flwr
+import psutil
 
 HERE = Path(__file__).resolve().parent
 BUDGET_GIB = 24.0
@@ -194,41 +179,15 @@ def measure(clients: int, timeout: float) -> dict:
 
 
 # -- reporting --------------------------------------------------------------------------------
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages."""
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def commit() -> str:
-    """The fedleak git commit measured, marked when the library has uncommitted changes."""
-    repo = HERE.parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--", "fedleak"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    return f"commit {head}" + (" + uncommitted changes in fedleak/" if dirty else "")
-
-
 def machine() -> str:
     """One line describing where and when this was measured."""
     import torch
 
     return (
         f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM (shared "
-        f"machine; load average at start {load_average()}), torch {torch.__version__} "
+        f"machine; load average at start {_bench.load_average()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads, the default), flwr {version('flwr')}, "
-        f"ray {version('ray')}, fedleak {commit()}, Python {sys.version.split()[0]}, "
+        f"ray {version('ray')}, fedleak {_bench.commit()}, Python {sys.version.split()[0]}, "
         f"{datetime.now().isoformat(timespec='seconds')}"
     )
 
@@ -277,7 +236,7 @@ def markdown(rows: list[dict], header: str, done: bool) -> str:
     lines += ["", f"**Verdict: {TARGET_CLIENTS:,} clients fit in {BUDGET_GIB:.0f} GiB: "]
     lines[-1] += verdict(rows) + ".**" if done else "(running).**"
     if done:
-        lines += ["", f"Load average at the end: {load_average()}."]
+        lines += ["", f"Load average at the end: {_bench.load_average()}."]
     return "\n".join(lines) + "\n"
 
 
