@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedleak import config, pipeline
+from fedleak.metrics import HEADLINE
 from fedleak.registry import ConfigError
 from fedleak.store import RunStore
 
@@ -99,19 +100,13 @@ def summary(store: RunStore) -> str:
         )
     results = store.rows("results.csv")
     if results:
-        lines.append(
-            f"{'attack':<16}{'views':>6}{'psnr':>9}{'ssim':>8}{'label_acc':>11}{'seconds':>9}"
-        )
+        # the modality's headline metrics (metrics.HEADLINE), whichever the results carry
+        shown = [k for keys in HEADLINE.values() for k in keys if k in results[0]] + ["seconds"]
+        lines.append(f"{'attack':<16}{'views':>6}" + "".join(f"{k:>11}" for k in shown))
         for name in dict.fromkeys(r["attack"] for r in results):
             rows = [r for r in results if r["attack"] == name]
-
-            def mean(key: str, rows=rows) -> float:
-                return statistics.fmean(float(r[key]) for r in rows)
-
-            lines.append(
-                f"{name:<16}{len(rows):>6}{mean('psnr'):>9.2f}{mean('ssim'):>8.3f}"
-                f"{mean('label_acc'):>11.3f}{mean('seconds'):>9.2f}"
-            )
+            means = (statistics.fmean(float(r[k]) for r in rows) for k in shown)
+            lines.append(f"{name:<16}{len(rows):>6}" + "".join(f"{m:>11.3f}" for m in means))
     return "\n".join(lines)
 
 

@@ -61,6 +61,8 @@ def run(exp: Experiment, out: str | Path | None = None) -> RunStore:
 def attack(exp: Experiment, store: RunStore) -> None:
     """Run every attack on every stored view; append one scored row per result."""
     done = {(r["round"], r["client"], r["attack_index"]) for r in store.rows("results.csv")}
+    images = store.root / "images"
+    images.mkdir(exist_ok=True)
     for view in store.views(exp):
         truth = store.truth(view.round, view.client)
         for index, attack in enumerate(exp.attacks):
@@ -83,8 +85,6 @@ def attack(exp: Experiment, store: RunStore) -> None:
                     "seconds": round(seconds, 3),
                 },
             )
-            images = store.root / "images"
-            images.mkdir(exist_ok=True)
             name = f"r{view.round:04d}_c{view.client:04d}_{index}_{attack.name}.png"
             save_grid(images / name, truth, reconstruction, view.task)
             log.info(

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedleak.sim import OFFLINE_ENV
+
 # One thread per process: on a 2-core machine shared with Ray actors and SuperNodes, torch's
 # default of one thread per core oversubscribes the CPU and slows tests several-fold.
 torch.set_num_threads(1)
@@ -22,11 +24,8 @@ def flower_offline(tmp_path_factory):
     """Flower's telemetry, update check and runtime installs off; state in a temp FLWR_HOME."""
     home = tmp_path_factory.mktemp("flwr_home")
     env = {
+        **OFFLINE_ENV,
         "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "UV_CACHE_DIR": str(home / "uv"),
         "MPLCONFIGDIR": str(home / "mpl"),
         "HF_HOME": str(home / "hf"),

@@ -20,21 +20,13 @@ from pathlib import Path
 
 from fedleak.config import Experiment
 from fedleak.registry import ConfigError, Registry, construct
-from fedleak.sim import client
+from fedleak.sim import OFFLINE_ENV, client
 from fedleak.sim.grid import LocalGrid
 from fedleak.sim.server import make_server_app
 from fedleak.store import RunStore
 
 RUNNERS = Registry("runner")
 APP_DIR = Path(__file__).parent / "app"  # the thin Flower app whose components live in fedleak
-
-# Flower settings that keep a run offline, quiet and inside its own FLWR_HOME.
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
 
 
 @RUNNERS.register("local")
@@ -69,7 +61,7 @@ class Ray:
         """Federate ``exp``; the server writes into ``store``."""
         from flwr.simulation import run_simulation
 
-        for key, value in QUIET_ENV.items():
+        for key, value in OFFLINE_ENV.items():
             os.environ.setdefault(key, value)
         run_simulation(
             server_app=make_server_app(exp, store),
@@ -115,7 +107,11 @@ class Deployment:
         """Federate ``exp``; the server writes into ``store``."""
         # flwr looks up flower-superlink (for "local") on PATH: use this environment's scripts.
         scripts = str(Path(sys.executable).parent)
-        env = {**os.environ, **QUIET_ENV, "PATH": scripts + os.pathsep + os.environ.get("PATH", "")}
+        env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "PATH": scripts + os.pathsep + os.environ.get("PATH", ""),
+        }
         cmd = self.command(exp, store)
         done = subprocess.run(cmd, env=env, timeout=self.timeout, check=False)
         if done.returncode != 0:

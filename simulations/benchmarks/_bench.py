@@ -12,12 +12,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-for _key, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}.items():
+from fedleak.sim import OFFLINE_ENV  # flwr-free: Flower is not imported yet
+
+for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 if "FLWR_HOME" not in os.environ:  # a temporary home, removed when this process exits
     os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="fedleak-flwr-home-")
