@@ -42,6 +42,7 @@ class Task:
     num_classes: int
     mean: tuple[float, ...] = ()  # image normalisation, to map model inputs back to pixels
     std: tuple[float, ...] = ()
+    tokenizer: str = ""  # text: the Hugging Face tokenizer (local directory) that maps ids to text
 
     def to_pixels(self, inputs: Tensor) -> Tensor:
         """Undo the input normalisation and clamp to [0, 1] (images only)."""
@@ -153,6 +154,10 @@ class Reconstruction:
     inputs: Tensor  # images [B, C, H, W] (normalised like the task's inputs) | token ids [B, T]
     labels: Tensor | None = None  # recovered labels [B], if the attack recovers them
     info: Mapping[str, float] = field(default_factory=dict)  # e.g. final loss
+    # Feature attacks: the recovered inputs [B, d] of the module named ``feature_layer`` in the
+    # sent model (directions only, sign and order free); metrics compare them with the true ones.
+    features: Tensor | None = None
+    feature_layer: str = ""
 
 
 @runtime_checkable
