@@ -45,6 +45,16 @@ def test_recovers_a_single_image(channels):
     assert reconstruction.info["seconds"] > 0
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_idlg_recovers_the_label_first_and_the_image(seed):
+    # Measured over seeds 0-4 (3 channels): labels always right, PSNR 88-99 dB after 10 steps.
+    view, truth = _view(3, seed=seed)
+    reconstruction = ATTACKS["idlg"](steps=10)(view, seeding.rng(seed))
+    result = score(reconstruction, truth, view.task)
+    assert reconstruction.labels.tolist() == truth.labels.tolist()
+    assert result["psnr"] > 40
+
+
 def test_batchnorm_runs_in_train_mode():
     # In train mode BatchNorm normalises the conv output over the batch, so the gradient of one
     # image cannot tell it from an affine transform of it: DLG drives the loss to ~1e-7 and
