@@ -214,7 +214,29 @@ class Experiment:
                     f"[data] {self.data.name!r} is {task.modality} data; pick a "
                     f"{task.modality} attack: {', '.join(_names(ATTACKS, task.modality))}."
                 )
+        # Models declare the modality they take; those that do not predate text and take images.
+        takes = getattr(self.model, "modality", "image")
+        if takes != task.modality:
+            fitting = [
+                n
+                for n in MODELS.names()
+                if getattr(MODELS[n], "modality", "image") == task.modality
+            ]
+            raise ConfigError(
+                f"[model] {self.model.name!r} takes {takes} data, but [data] {self.data.name!r} "
+                f"is {task.modality} data; pick one for {task.modality}: {', '.join(fitting)}."
+            )
         model = self.build_model()
+        if task.tokenizer and hasattr(model, "vocab_size"):
+            from fedleak import hf  # transformers: only text experiments need it
+
+            size = len(hf.tokenizer(task.tokenizer))
+            if size > model.vocab_size:
+                raise ConfigError(
+                    f"[data] the tokenizer in {task.tokenizer} has {size} tokens, but [model] "
+                    f"{self.model.name!r} embeds only {model.vocab_size}; tokenise with the "
+                    "model's own tokenizer (data.tokenizer) or pick a model with its vocabulary."
+                )
         for i, defense in enumerate(self.defenses):
             if hasattr(defense, "check"):  # e.g. dpsgd: Opacus refuses BatchNorm
                 try:
@@ -224,7 +246,7 @@ class Experiment:
         sample = self.client_data(0)
         try:
             logits = model(sample.inputs[:1])
-        except RuntimeError as err:
+        except (RuntimeError, ValueError, IndexError) as err:
             raise ConfigError(
                 f"[model] {self.model.name!r} does not fit [data] {self.data.name!r} "
                 f"(inputs {tuple(task.input_shape)}): {err}"
