@@ -12,7 +12,7 @@ Layout::
     truth/r0001_c0003.pt   the examples client 3 trained on: read by metrics only, never attacks
     utility.csv            one row per round: global test loss and accuracy, failures
     results.csv            one row per (round, client, attack): every privacy metric
-    images/                reconstruction grids (truth above, reconstruction below)
+    images/                truth beside reconstruction: PNG grids (images), .txt (text)
 
 Every file is written under a temporary name and renamed, and CSV rows are appended as they
 are produced, so a run that dies keeps everything it finished.
