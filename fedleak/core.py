@@ -188,8 +188,15 @@ class TrainingDefense(Protocol):
         optimizer: torch.optim.Optimizer,
         batches: Iterable[Batch],
         rng: torch.Generator,
+        *,
+        data: Batch,
     ) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]:
-        """Return the (possibly wrapped) model, optimiser and batches to train with."""
+        """Return the (possibly wrapped) model, optimiser and batches to train with.
+
+        ``batches`` are the trainer's planned mini-batches; ``data`` is the client's whole
+        partition they were drawn from (DP-SGD samples its own batches from it, so that its
+        sampling rate is batch size / partition size even with less than an epoch of steps).
+        """
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ import torch
 
 from fedleak import metrics, seeding
 from fedleak.config import Experiment
-from fedleak.metrics.grid import save_grid
+from fedleak.defenses.dpsgd import accounting
 from fedleak.store import RunStore
 
 log = logging.getLogger("fedleak")
@@ -50,6 +50,8 @@ def run(exp: Experiment, out: str | Path | None = None) -> RunStore:
     )
     try:
         execute(exp, store)
+        if (privacy := accounting(exp)) is not None:  # DP-SGD: each client's ε over the run
+            store.update_meta(dpsgd=privacy)
         attack(exp, store)
     except BaseException as err:
         store.update_meta(status="failed", error=f"{type(err).__name__}: {err}")
@@ -72,7 +74,7 @@ def attack(exp: Experiment, store: RunStore) -> None:
             start = time.monotonic()
             reconstruction = attack(view, rng)
             seconds = time.monotonic() - start
-            scores = metrics.score(reconstruction, truth, view.task)
+            scores = metrics.score(reconstruction, truth, view.task, view=view)
             store.append_row(
                 "results.csv",
                 {
@@ -85,8 +87,8 @@ def attack(exp: Experiment, store: RunStore) -> None:
                     "seconds": round(seconds, 3),
                 },
             )
-            name = f"r{view.round:04d}_c{view.client:04d}_{index}_{attack.name}.png"
-            save_grid(images / name, truth, reconstruction, view.task)
+            stem = f"r{view.round:04d}_c{view.client:04d}_{index}_{attack.name}"
+            metrics.save_example(images / stem, truth, reconstruction, view.task)
             log.info(
                 "round %d client %d %s: %s (%.1fs)",
                 view.round,

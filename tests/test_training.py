@@ -57,7 +57,7 @@ def test_bad_options(bad):
 class FirstExampleOnly:
     """A training defense that trains on the first example of every batch only."""
 
-    def wrap(self, model, optimizer, batches, rng):
+    def wrap(self, model, optimizer, batches, rng, *, data):
         return model, optimizer, [Batch(b.inputs[:1], b.labels[:1]) for b in batches]
 
 

@@ -11,20 +11,24 @@ are unchanged), the optimiser in a ``DPOptimizer`` and the data in a Poisson ``D
 
 Choices and caveats:
 
-* The data set is the distinct examples of the batches the trainer planned, and the expected
-  batch size is the trainer's: q = 1 / ceil(n / batch_size), Opacus's choice (≈ batch_size/n).
-  With ``local_epochs >= 1`` (or full-batch FedSGD) the planned batches cover the whole
-  partition; with fewer local steps than an epoch they cover only those steps' examples, and q
-  is that of the smaller set.
+* The data set is the client's whole partition (the trainer passes it as ``data``), and the
+  expected batch size is the trainer's: q = 1 / ceil(n / batch_size), Opacus's choice
+  (≈ batch_size/n), whatever the number of local steps.  (Sampling from the examples of the
+  planned batches instead, as an earlier version did, overstated q with less than an epoch of
+  steps: four steps of four on 100 examples gave q = 1/4, not 1/25.)
 * The client makes as many Poisson draws as the trainer planned steps.  Poisson sampling can
   draw an empty batch; the trainer cannot step on one (its mean loss would be NaN), so empty
   draws are skipped and the recorded ground truth is the examples actually drawn.  Accounting
   for every planned draw (``epsilon`` with the planned step count) is then conservative, but the
-  number of steps a client reports reveals how many draws were empty.
+  number of steps a client reports reveals how many draws were empty.  When every draw of a
+  round is empty (probability about e^(-batch_size · steps)), the client has nothing to send:
+  its round fails with a message saying so, and the server carries on with the others.
 * ε composes over a client's whole history: ``epsilon(steps, sample_rate)`` gives it for all the
   local steps of all rounds the client took part in.  Flower's Opacus example builds a new
   ``PrivacyEngine`` each round and so reports one round's ε; the engine built here is
-  likewise discarded, and only ``epsilon`` should be reported.
+  likewise discarded, and only ``epsilon`` should be reported.  :func:`accounting` does that
+  for a whole run (every client's rounds from the seeded sampling, its planned steps and q);
+  ``fedleak run`` writes it into ``meta.json`` under ``"dpsgd"``.
 * Randomness (sampling and noise) comes from the client's ``rng``, so runs are reproducible from
   the experiment seed; this is Opacus's non-secure mode, fine for research, not for deployment.
 * Per-example gradients need layers that treat examples independently: BatchNorm mixes them
@@ -42,7 +46,7 @@ import types
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -81,14 +85,18 @@ class DPSGD:
         optimizer: torch.optim.Optimizer,
         batches: Iterable[Batch],
         rng: torch.Generator,
+        *,
+        data: Batch,
     ) -> tuple[nn.Module, torch.optim.Optimizer, list[Batch]]:
-        """Make ``model`` and ``optimizer`` private; replace ``batches`` by Poisson draws."""
+        """Make ``model`` and ``optimizer`` private; replace ``batches`` by Poisson draws.
+
+        The draws sample ``data`` (the client's whole partition), one per planned batch.
+        """
         opacus = _opacus()
         self.check(model)
         planned = list(batches)
-        if not planned:
-            return model, optimizer, planned
-        data = _distinct(planned)
+        if not planned or len(data) == 0:
+            return model, optimizer, []
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(data.inputs, data.labels),
             batch_size=len(planned[0]),  # the trainer's batch size (only the last may be smaller)
@@ -162,12 +170,54 @@ def _opacus() -> types.ModuleType:
     return opacus
 
 
-def _distinct(batches: list[Batch]) -> Batch:
-    """The distinct examples of ``batches`` (epochs revisit them), in first-use order."""
-    inputs = torch.cat([b.inputs for b in batches])
-    labels = torch.cat([b.labels for b in batches])
-    _, inverse = torch.unique(inputs.reshape(len(inputs), -1), dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), len(inputs), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(inputs)), reduce="amin")
-    keep = first.sort().values
-    return Batch(inputs[keep], labels[keep])
+def accounting(exp: Any) -> dict[str, Any] | None:
+    """Every client's DP-SGD privacy loss over a whole run of ``exp``; None without ``dpsgd``.
+
+    Computed from the experiment, which fixes everything the accountant needs: the rounds a
+    client takes part in (the seeded sampling, ``federation.sample_clients``), its partition
+    size n and the trainer's planned steps per round (each one Poisson draw at q =
+    ``sample_rate(n, batch_size)``, empty or not).  A client that failed in a round is still
+    counted for it, so the ε reported can only be conservative.  ``epsilon`` is the largest over
+    clients: the guarantee every client's records have.
+    """
+    from fedleak import federation  # imported late: fedleak.config imports this package
+
+    defense = next((d for d in exp.defenses if isinstance(d, DPSGD)), None)
+    if defense is None:
+        return None
+    trainer = exp.trainer
+    if not hasattr(trainer, "planned_steps"):
+        raise ValueError(
+            f"dpsgd: cannot account for trainer {trainer.name!r}: it does not say how many "
+            "steps it plans per round (planned_steps)"
+        )
+    rounds = dict.fromkeys(range(exp.federation.clients), 0)
+    for r in range(1, exp.federation.rounds + 1):
+        for client in federation.sample_clients(exp, r):
+            rounds[client] += 1
+    batch_size = int(getattr(trainer, "batch_size", 0))
+    clients, cache = [], {}
+    for client, taken in rounds.items():
+        n = len(exp.partitions()[client])
+        steps = taken * trainer.planned_steps(n)
+        rate = defense.sample_rate(n, batch_size) if n else 1.0
+        if (steps, rate) not in cache:  # iid partitions repeat the same (steps, q) often
+            cache[steps, rate] = defense.epsilon(steps, rate)
+        clients.append(
+            {
+                "client": client,
+                "examples": n,
+                "rounds": taken,
+                "steps": steps,
+                "sample_rate": rate,
+                "epsilon": cache[steps, rate],
+            }
+        )
+    return {
+        "epsilon": max(c["epsilon"] for c in clients),
+        "delta": defense.delta,
+        "noise_multiplier": defense.noise_multiplier,
+        "max_grad_norm": defense.max_grad_norm,
+        "accountant": defense.accountant,
+        "clients": clients,
+    }

@@ -55,8 +55,13 @@ class Dropout:
         optimizer: torch.optim.Optimizer,
         batches: Iterable[Batch],
         rng: torch.Generator,
+        *,
+        data: Batch | None = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer, Iterable[Batch]]:
-        """Hook dropout into ``model`` (the client's local copy) in place; the rest unchanged."""
+        """Hook dropout into ``model`` (the client's local copy) in place; the rest unchanged.
+
+        ``data`` (the client's partition) is not needed: the batches are trained on as planned.
+        """
         if self.p == 0:  # nothing to drop: leave the model exactly as it was
             return model, optimizer, batches
         layers = (nn.Linear, *_CONVOLUTIONS) if self.conv else (nn.Linear,)

@@ -74,6 +74,21 @@ class OptimalNoise:
         if self.std == 0 or not grads:  # no noise: skip the Jacobian work
             return dict(grads)
         norms = _sensitivity.row_norms(model, batch, loss_fn, grads, self.samples, rng)
+        stds = self.stds(norms, grads)
+        out = {}
+        for name, g in grads.items():
+            # Drawn tensor by tensor in key order on the CPU, like gaussian_noise.
+            noise = torch.randn(g.shape, generator=rng, dtype=g.dtype).to(g.device)
+            out[name] = g + noise * stds[name].to(dtype=g.dtype, device=g.device)
+        return out
+
+    def stds(self, norms: Params, grads: Params) -> Params:
+        """The noise std of every coordinate, given the row norms ‖J_j‖ and the gradients.
+
+        float64 on the CPU; a 0-dim tensor stands for one std shared by a whole tensor
+        (``layerwise``, or the isotropic fallback).  The metrics' reconstruction bound
+        (:mod:`fedleak.metrics.bound`) uses them too.
+        """
         shape = {n: self._shape(norms[n], g) for n, g in grads.items()}
         # Rescale so that the RMS of the stds over all coordinates is `std`: the same total noise
         # power E‖ε‖² as gaussian_noise(std) on the gradient.
@@ -82,17 +97,10 @@ class OptimalNoise:
             for s, g in zip(shape.values(), grads.values(), strict=True)
         )
         total = sum(g.numel() for g in grads.values())
-        rms = math.sqrt(power / total)
-        out = {}
-        for name, g in grads.items():
-            if rms > 0:
-                scale = (self.std / rms) * shape[name]
-            else:  # ‖J‖ = 0 everywhere: nothing to weight by, fall back to isotropic noise
-                scale = torch.full((), self.std, dtype=torch.float64)
-            # Drawn tensor by tensor in key order on the CPU, like gaussian_noise.
-            noise = torch.randn(g.shape, generator=rng, dtype=g.dtype).to(g.device)
-            out[name] = g + noise * scale.to(dtype=g.dtype, device=g.device)
-        return out
+        rms = math.sqrt(power / total) if total else 0.0
+        if not rms > 0:  # ‖J‖ = 0 everywhere: nothing to weight by, fall back to isotropic noise
+            return {n: torch.full((), self.std, dtype=torch.float64) for n in grads}
+        return {n: (self.std / rms) * shape[n] for n in grads}
 
     def _shape(self, norm: Tensor, grad: Tensor) -> Tensor:
         """Unnormalised std: per coordinate, or one 0-dim value per tensor (float64)."""

@@ -4,7 +4,7 @@ FedSGD is one step on the client's whole partition (``local_steps = 1``, ``batch
 FedAvg is several steps or epochs of mini-batch SGD.  Mini-batches are drawn without
 replacement from a per-(client, round) shuffle, so the examples a client used are known exactly
 and recorded as ground truth.  Training defenses wrap the model, the optimiser and the batches
-before the first step.
+before the first step; they are also given the client's whole partition (``data=``).
 """
 
 from __future__ import annotations
@@ -44,12 +44,22 @@ class SGD:
         if not 0 <= self.momentum < 1:
             raise ValueError(f"sgd: momentum must be in [0, 1), got {self.momentum}")
 
+    def planned_steps(self, examples: int) -> int:
+        """Optimiser steps one round takes on a partition of ``examples`` (0 for none).
+
+        DP-SGD's accountant needs it: each planned step is one Poisson draw, empty or not.
+        """
+        if examples <= 0:
+            return 0
+        per_epoch = math.ceil(examples / min(self.batch_size or examples, examples))
+        return self.local_epochs * per_epoch if self.local_epochs else self.local_steps
+
     def batches(self, data: Batch, rng: torch.Generator) -> list[Batch]:
         """The mini-batches of one round, in order."""
         n = len(data)
         size = min(self.batch_size or n, n)
         per_epoch = math.ceil(n / size)
-        steps = self.local_epochs * per_epoch if self.local_epochs else self.local_steps
+        steps = self.planned_steps(n)
         order = torch.cat(
             [torch.randperm(n, generator=rng) for _ in range(math.ceil(steps / per_epoch))]
         )
@@ -72,7 +82,8 @@ class SGD:
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
         batches = self.batches(data, rng)
         for defense in (d for d in defenses if hasattr(d, "wrap")):
-            model, optimizer, batches = defense.wrap(model, optimizer, batches, rng)
+            # The whole partition too: DP-SGD samples from it, not from the planned batches.
+            model, optimizer, batches = defense.wrap(model, optimizer, batches, rng, data=data)
         per_step = [d for d in defenses if hasattr(d, "gradients")]
         model.train()
         losses, used = [], []
@@ -86,7 +97,14 @@ class SGD:
             losses.append(loss.item())
             used.append(batch)
         if not used:
-            raise ValueError("sgd: the client has no examples to train on")
+            planned = self.planned_steps(len(data))
+            raise ValueError(
+                "sgd: the client has no examples to train on"
+                if not len(data) or not planned
+                else f"sgd: all {planned} planned steps were dropped by the training defenses "
+                "(with dpsgd: every Poisson draw of dpsgd was empty this round), so the client "
+                "has no update to send"
+            )
         return TrainResult(
             loss=sum(losses) / len(losses),
             steps=len(used),

@@ -7,6 +7,7 @@ import torch
 from fedleak import config, federation, seeding
 from fedleak.core import Batch
 from fedleak.defenses import DEFENSES
+from fedleak.defenses import dpsgd as dpsgd_module
 from fedleak.registry import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -61,7 +62,7 @@ def test_combines_with_dropout(order):
     assert all(torch.isfinite(v).all() for v in update.params.values())
 
 
-def _planned(n: int, batch: int, steps: int) -> tuple[torch.nn.Module, list[Batch]]:
+def _planned(n: int, batch: int, steps: int) -> tuple[torch.nn.Module, list[Batch], Batch]:
     g = seeding.rng(0, "data")
     data = Batch(torch.randn(n, 3, generator=g), torch.arange(n) % 2)
     with seeding.isolated(0, "model"):
@@ -71,15 +72,15 @@ def _planned(n: int, batch: int, steps: int) -> tuple[torch.nn.Module, list[Batc
         Batch(data.inputs[order[i : i + batch]], data.labels[order[i : i + batch]])
         for i in range(0, steps * batch, batch)
     ]
-    return model, batches
+    return model, batches, data
 
 
 def test_empty_poisson_draws_are_skipped():
     # n = 8 at batch 1: q = 1/8, a draw is empty with probability (7/8)^8 = 0.34.
-    model, planned = _planned(8, 1, 64)
+    model, planned, data = _planned(8, 1, 64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _, private_optimizer, batches = DEFENSES["dpsgd"]().wrap(
-        model, optimizer, planned, seeding.rng(0)
+        model, optimizer, planned, seeding.rng(0), data=data
     )
     assert all(isinstance(b, Batch) and len(b) > 0 for b in batches)
     assert len(batches) < 64  # P(no empty draw in 64) ~ 3e-12
@@ -92,12 +93,64 @@ def test_sample_rate_is_the_one_wrap_uses():
     assert dpsgd.sample_rate(16, 4) == 0.25
     assert dpsgd.sample_rate(10, 4) == pytest.approx(1 / 3)  # not 4/10
     assert dpsgd.sample_rate(10, 0) == 1.0  # full-batch FedSGD
-    model, planned = _planned(10, 4, 300)
+    model, planned, data = _planned(10, 4, 300)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, private, batches = dpsgd.wrap(model, optimizer, planned, seeding.rng(0))
+    _, private, batches = dpsgd.wrap(model, optimizer, planned, seeding.rng(0), data=data)
     assert private.expected_batch_size == 3  # int(10 * q)
     # 300 draws of Binomial(10, q): 1000 examples expected at q = 1/3 (1200 at 0.4), sd 26.
     assert sum(len(b) for b in batches) == pytest.approx(1000, abs=100)
+
+
+def test_fewer_steps_than_an_epoch_sample_the_whole_partition():
+    # One planned step of 4 on 100 examples: q = 4/100, drawn from all 100 (not from the 4
+    # planned examples, which would make q = 1 and overstate ε).
+    model, planned, data = _planned(100, 4, 1)
+    dpsgd = DEFENSES["dpsgd"]()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, private, _ = dpsgd.wrap(model, optimizer, planned, seeding.rng(0), data=data)
+    assert private.expected_batch_size == 4 == int(100 * dpsgd.sample_rate(100, 4))
+    seen = set()
+    for seed in range(200):  # many one-draw rounds: every example can be drawn
+        model, planned, data = _planned(100, 4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        _, _, drawn = dpsgd.wrap(model, optimizer, planned, seeding.rng(seed), data=data)
+        seen |= {tuple(x.tolist()) for b in drawn for x in b.inputs}
+    planned_rows = {tuple(x.tolist()) for x in planned[0].inputs}
+    assert len(seen - planned_rows) > 50  # P(an example is never drawn in 200) = 0.96^200 ~ 3e-4
+
+
+def test_inside_a_round_q_is_batch_over_partition():
+    spec = {**TINY, "training": {"name": "sgd", "lr": 0.1, "batch_size": 2, "local_steps": 1}}
+    exp = config.load(spec)
+    sent = federation.initial_params(exp)
+    drawn = []
+    for r in range(1, 61):  # 16 examples at q = 2/16: Binomial(16, 1/8) examples per draw
+        try:
+            drawn.append(len(federation.local_update(exp, 0, r, sent).truth))
+        except ValueError as err:  # an empty draw: P = (7/8)^16 = 0.12, the client sends nothing
+            assert "every Poisson draw of dpsgd was empty" in str(err)
+            drawn.append(0)
+    assert 1.3 < sum(drawn) / len(drawn) < 2.7  # mean 2 (sd 0.17); the old bug drew all 16
+    assert max(drawn) < 16 and drawn.count(0) < 20
+
+
+def test_accounting_covers_every_client_over_the_run():
+    spec = {**TINY, "rounds": 5, "training": {"name": "sgd", "lr": 0.1, "batch_size": 4}}
+    exp = config.load(spec)
+    report = dpsgd_module.accounting(exp)
+    dpsgd = exp.defenses[0]
+    taken = {c: 0 for c in range(4)}
+    for r in range(1, 6):
+        for c in federation.sample_clients(exp, r):
+            taken[c] += 1
+    assert [c["rounds"] for c in report["clients"]] == list(taken.values())
+    assert sum(taken.values()) == 5 * 2
+    for row in report["clients"]:
+        assert row["examples"] == 16 and row["sample_rate"] == 0.25
+        assert row["steps"] == row["rounds"]  # local_steps = 1
+        assert row["epsilon"] == pytest.approx(dpsgd.epsilon(row["steps"], 0.25))
+    assert report["epsilon"] == max(c["epsilon"] for c in report["clients"]) > 0
+    assert dpsgd_module.accounting(config.load({**TINY, "defenses": []})) is None
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -155,3 +208,17 @@ def test_missing_opacus_is_a_clear_import_error(monkeypatch):
 def test_bad_options(bad):
     with pytest.raises(ConfigError, match="dpsgd" if "accountant" not in bad else "'rdp', 'prv'"):
         config.load({**TINY, "defenses": [{"name": "dpsgd", **bad}]})
+
+
+def test_a_run_records_every_clients_epsilon_in_meta(tmp_path):
+    from fedleak import pipeline
+
+    exp = config.load({**TINY, "rounds": 2})
+    store = pipeline.run(exp, tmp_path / "run")
+    recorded = store.meta()["dpsgd"]
+    expected = dpsgd_module.accounting(exp)
+    assert recorded["epsilon"] == pytest.approx(expected["epsilon"]) and recorded["epsilon"] > 0
+    assert [c["steps"] for c in recorded["clients"]] == [c["steps"] for c in expected["clients"]]
+    # local_epochs = 1 at batch 4 on 16 examples: 4 steps per round taken, q = 1/4
+    assert {c["sample_rate"] for c in recorded["clients"]} == {0.25}
+    assert sum(c["steps"] for c in recorded["clients"]) == 2 * 2 * 4
