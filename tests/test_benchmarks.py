@@ -86,3 +86,42 @@ def test_scale_quick(tmp_path):
         assert all(float(cell) >= 0 for cell in row[3:8])
     assert "Verdict: 10,000 clients fit in 24 GiB: n/a" in page
     assert "| clients |" in done.stdout
+
+
+@pytest.mark.slow
+def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
+    command = [sys.executable, str(BENCHMARKS / "vision_attacks.py"), "--quick"]
+    command += ["--out", str(tmp_path), "--data-root", str(data_root)]
+
+    def bench() -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=900, env=dict(os.environ), check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    bench()
+    runs = read(tmp_path / "vision_attacks_runs.csv")
+    attacks = ["dlg", "idlg", "inverting_gradients", "feature_reconstruction", "imprint"]
+    attacks += ["feature_reconstruction_honest"]
+    # --quick: B = 1, 2; one batch per cell; both model states
+    assert len(runs) == len(attacks) * 2 * 2
+    assert {r["attack"] for r in runs} == set(attacks)
+    for row in runs:
+        assert row["status"] == "ok" and float(row["seconds"]) > 0
+        assert float(row["psnr"]) > 0
+        assert row["lpips"] == "nan"  # no LPIPS backbone weights on a test machine
+    features = [r for r in runs if r["attack"].startswith("feature_reconstruction")]
+    assert all(0 <= float(r["feature_cos"]) <= 1 for r in features)
+    summary = read(tmp_path / "vision_attacks.csv")
+    assert len(summary) == len(runs)  # one batch per cell
+    page = (tmp_path / "vision_attacks.md").read_text()
+    table = table_rows(page, "attack")
+    assert len(table) == len(summary) and all(r[10] == "not computed" for r in table)
+    assert "breaching side by side:" in page
+    assert (tmp_path / "vision_attacks_grid.png").stat().st_size > 0
+    assert list((tmp_path / "checkpoints").glob("*.pt"))
+    # a rerun finds every row done, runs nothing and keeps the rows
+    again = bench()
+    assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
+    assert read(tmp_path / "vision_attacks_runs.csv") == runs

@@ -9,11 +9,18 @@ averaged over the ``min(B_rec, B_true)`` matched pairs.
 
 SSIM is scikit-image's windowed SSIM (Wang et al. 2004), *not* breaching's CW-SSIM; the two are
 not comparable.
+
+LPIPS (Zhang et al. 2018, AlexNet backbone, as breaching reports it) is computed only when the
+``lpips`` package and torchvision's ImageNet AlexNet weights are already on this machine
+(torch's hub cache); fedleak never downloads them, and otherwise the column is NaN ("not
+computed"), never a stand-in value.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +31,7 @@ from torch import Tensor
 from fedleak.core import Batch, Reconstruction, Task
 
 MIN_MSE = 1e-10  # floor for PSNR: a perfect reconstruction scores 100 dB instead of inf
+ALEXNET = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet weights, LPIPS's backbone
 
 
 def match(rec_pixels: Tensor, true_pixels: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +70,8 @@ def score(reconstruction: Reconstruction, truth: Batch, task: Task) -> dict[str,
         (the best matched pair), ``label_acc`` (order-free overlap of the recovered and the true
         label multisets, as in breaching) and ``label_acc_matched`` (recovered label of each
         matched reconstruction equals its truth's).  Label metrics are NaN when the attack
-        recovers no labels.
+        recovers no labels.  ``lpips`` (mean over matched pairs) is NaN unless its backbone's
+        weights are available locally (:func:`lpips_available`).
     """
     rec = task.to_pixels(reconstruction.inputs.detach().cpu().double())
     true = task.to_pixels(truth.inputs.detach().cpu().double())
@@ -76,6 +85,13 @@ def score(reconstruction: Reconstruction, truth: Batch, task: Task) -> dict[str,
     mse = ((rec - true) ** 2).flatten(1).mean(1)
     psnr = 10 * torch.log10(1 / mse.clamp_min(MIN_MSE))
     ssim = torch.tensor([_ssim(r, t) for r, t in zip(rec, true, strict=True)], dtype=torch.float64)
+
+    lpips = math.nan
+    # AlexNet's pooling needs sides of at least 32 pixels (CIFAR's); smaller images stay NaN.
+    if min(rec.shape[-2:]) >= 32 and (network := _lpips_network()) is not None:
+        with torch.no_grad():  # LPIPS takes three channels in [-1, 1]
+            a, b = (p.float().expand(-1, 3, -1, -1) * 2 - 1 for p in (rec, true))
+            lpips = float(network(a, b).mean())
 
     label_acc = label_acc_matched = math.nan
     if reconstruction.labels is not None:
@@ -91,9 +107,26 @@ def score(reconstruction: Reconstruction, truth: Batch, task: Task) -> dict[str,
         "ssim": float(ssim.mean()),
         "psnr_max": float(psnr.max()),
         "ssim_max": float(ssim.max()),
+        "lpips": lpips,
         "label_acc": label_acc,
         "label_acc_matched": label_acc_matched,
     }
+
+
+def lpips_available() -> bool:
+    """Whether LPIPS can be computed here: the ``lpips`` package and cached AlexNet weights."""
+    return _lpips_network() is not None
+
+
+@functools.cache
+def _lpips_network() -> torch.nn.Module | None:
+    try:
+        import lpips  # optional: not a fedleak dependency
+    except ImportError:
+        return None
+    if not (Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET).is_file():
+        return None  # torchvision would try to download it: fedleak never does
+    return lpips.LPIPS(net="alex", verbose=False).eval()
 
 
 def _ssim(rec: Tensor, true: Tensor) -> float:

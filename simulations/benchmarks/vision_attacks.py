@@ -1,0 +1,548 @@
+"""Vision gradient-inversion attacks on CIFAR-10 images, every attack at one iteration budget.
+
+For each model state (the ConvNet untrained, and trained for one epoch), batch size B and attack,
+``batches`` batches of CIFAR-10 test images (batch k of size B = images kB .. kB+B-1 of the
+selection) are each sent through one FedSGD step (``ServerView.from_local_step``), attacked, and
+scored after Hungarian matching: PSNR, SSIM, label accuracy, feature cosine (feature attacks),
+LPIPS (only where its backbone's weights are on the machine: otherwise "not computed"), seconds
+and iterations per second.  Attacks that need a malicious server (the feature attack's Gaussian
+head, Robbing the Fed's imprint block) get their modifier applied to the model first.
+
+Outputs, written as rows finish (a rerun skips finished (attack, state, B, batch) rows, so an
+interrupted run resumes):
+
+* ``vision_attacks_runs.csv``  one row per attacked batch;
+* ``vision_attacks.csv``       one row per (attack, state, B): mean and max PSNR, SSIM, ...;
+* ``vision_attacks.md``        that table, the machine, the settings and the caveats;
+* ``vision_attacks_grid.png``  truths and each attack's matched reconstructions of one batch;
+* ``checkpoints/``             the trained ConvNet, reused by later runs with the same settings.
+
+    .venv/bin/python simulations/benchmarks/vision_attacks.py            # the full benchmark
+    .venv/bin/python simulations/benchmarks/vision_attacks.py --quick    # ~1-2 min, for CI
+    .venv/bin/python simulations/benchmarks/vision_attacks.py --steps 500 --batch-sizes 1 2 \\
+        --attacks inverting_gradients feature_reconstruction --out /tmp/va --data-root DIR
+
+Settings come from ``vision_attacks.toml`` (``--config``); options given here override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import tomllib
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+import _bench  # first: keeps Flower offline (imported by nothing here, but harmless)
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from fedleak import metrics, seeding
+from fedleak.attacks import ATTACKS
+from fedleak.core import Batch, ServerView
+from fedleak.data import _sources, cifar10
+from fedleak.metrics.image import lpips_available, match
+from fedleak.models import MODELS
+from fedleak.modifiers import MODIFIERS
+from fedleak.training import TRAINERS
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "vision_attacks.toml"
+TASK = cifar10.CIFAR10.task
+RUNS = "vision_attacks_runs.csv"
+SUMMARY = "vision_attacks.csv"
+PAGE = "vision_attacks.md"
+GRID = "vision_attacks_grid.png"
+RUN_FIELDS = [
+    "attack",
+    "state",
+    "B",
+    "batch",
+    "images",
+    "status",
+    "psnr",
+    "psnr_max",
+    "ssim",
+    "ssim_max",
+    "label_acc",
+    "feature_cos",
+    "lpips",
+    "seconds",
+    "iterations",
+    "it_per_s",
+]
+SUMMARY_FIELDS = [
+    "attack",
+    "state",
+    "B",
+    "batches",
+    "psnr_mean",
+    "psnr_max",
+    "ssim_mean",
+    "ssim_max",
+    "label_acc",
+    "feature_cos",
+    "lpips",
+    "seconds",
+    "it_per_s",
+]
+QUICK = {
+    "batch_sizes": [1, 2],
+    "batches": 1,
+    "steps": 4,
+    "grid_batch_size": 2,
+    "model": {"width": 8},
+    "training": {"limit": 128},
+}
+
+
+# -- settings -------------------------------------------------------------------------------
+def settings(args: argparse.Namespace) -> dict:
+    """The TOML file, then --quick, then explicit options: the resolved settings."""
+    with open(args.config, "rb") as f:
+        cfg = tomllib.load(f)
+    if args.quick:
+        cfg = _merge(cfg, QUICK)
+    for key in ("images", "indices", "batch_sizes", "batches", "steps", "states", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    if args.width is not None:
+        cfg["model"]["width"] = args.width
+    if args.attacks:
+        unknown = [a for a in args.attacks if a not in cfg["attacks"]]
+        if unknown:
+            raise SystemExit(
+                f"vision_attacks: --attacks {unknown} not in {args.config}; "
+                f"it defines {', '.join(cfg['attacks'])}"
+            )
+        cfg["attacks"] = {k: v for k, v in cfg["attacks"].items() if k in args.attacks}
+    root = Path(args.data_root or cfg["data_root"]).expanduser()
+    cfg["data_root"] = str(root if root.is_absolute() else (_bench.REPO / root).resolve())
+    if cfg["batches"] < 1 or cfg["steps"] < 1 or not cfg["batch_sizes"]:
+        raise SystemExit("vision_attacks: need batches >= 1, steps >= 1 and some batch sizes")
+    bad = [s for s in cfg["states"] if s not in ("untrained", "trained")]
+    if bad:
+        raise SystemExit(f"vision_attacks: states {bad} unknown; use untrained and/or trained")
+    return cfg
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+# -- data and models ------------------------------------------------------------------------
+def load_images(cfg: dict) -> tuple[Batch, Batch | None, str]:
+    """(test images to attack, in selection order; a training split or None; a description)."""
+    root = Path(cfg["data_root"])
+    if not root.is_dir():
+        raise SystemExit(
+            f"vision_attacks: data root {root} does not exist; pass --data-root DIR with "
+            "cifar10*.npz files or cifar-10-batches-py/ (e.g. ../shared/data beside the repo)"
+        )
+    train, test = cifar10.read(root)
+    if test is None:
+        raise SystemExit(
+            f"vision_attacks: no CIFAR-10 test images in {root}; it needs a cifar10*test*.npz "
+            "file or cifar-10-batches-py/test_batch"
+        )
+    needed = max(cfg["batch_sizes"]) * cfg["batches"]
+    if cfg["indices"]:
+        chosen = np.asarray(cfg["indices"], dtype=np.int64)
+    else:
+        chosen = np.arange(cfg["images"] or needed)
+    if len(chosen) < needed or chosen.max(initial=0) >= len(test[1]):
+        raise SystemExit(
+            f"vision_attacks: {batches_text(cfg)} need {needed} images; the selection has "
+            f"{len(chosen)} (indices must be < {len(test[1])}, the test images in {root})"
+        )
+    test_batch = _sources.to_batch(test, TASK)
+    attacked = Batch(test_batch.inputs[chosen], test_batch.labels[chosen])
+    if train is not None:
+        return attacked, _sources.to_batch(train, TASK), f"the training split in {root}"
+    used = set(chosen[:needed].tolist())
+    rest = np.array([i for i in range(len(test[1])) if i not in used], dtype=np.int64)
+    pool = Batch(test_batch.inputs[rest], test_batch.labels[rest])
+    return attacked, pool, f"the {len(rest)} test images in {root} that no cell attacks"
+
+
+def batches_text(cfg: dict) -> str:
+    return f"{cfg['batches']} batches of up to {max(cfg['batch_sizes'])}"
+
+
+def untrained(cfg: dict) -> nn.Module:
+    spec = {k: v for k, v in cfg["model"].items() if k != "name"}
+    with seeding.isolated(cfg["seed"], "vision_attacks", "model"):
+        return MODELS[cfg["model"]["name"]](**spec)(TASK)
+
+
+def base_models(cfg: dict, pool: Batch | None, out: Path) -> dict[str, nn.Module]:
+    """The models to attack, by state; the trained one is cached under ``out/checkpoints``."""
+    models = {}
+    for state in cfg["states"]:
+        model = untrained(cfg)
+        if state == "trained":
+            model.load_state_dict(trained_state(cfg, pool, out))
+        models[state] = model.train()  # the client trains (and the attack predicts) in train mode
+    return models
+
+
+def trained_state(cfg: dict, pool: Batch | None, out: Path) -> dict:
+    training = dict(cfg["training"])
+    limit = training.pop("limit", 0)
+    if pool is None:
+        raise SystemExit("vision_attacks: no images left to train the 'trained' state on")
+    if limit:
+        pool = Batch(pool.inputs[:limit], pool.labels[:limit])
+    key = json.dumps([cfg["model"], training, cfg["seed"], len(pool)], sort_keys=True)
+    digest = hashlib.sha256(key.encode() + pool.labels.numpy().tobytes()).hexdigest()[:12]
+    path = out / "checkpoints" / f"{cfg['model']['name']}-{digest}.pt"
+    if path.is_file():
+        return torch.load(path)
+    model = untrained(cfg)
+    trainer = TRAINERS["sgd"](
+        lr=training["lr"],
+        local_epochs=training["epochs"],
+        batch_size=training["batch_size"],
+        momentum=training["momentum"],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, pool, nn.functional.cross_entropy, seeding.rng(cfg["seed"], "train"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    print(f"trained {path.name} on {len(pool)} images in {time.perf_counter() - start:.0f} s")
+    return model.state_dict()
+
+
+def server_view(base: nn.Module, spec: dict, batch: Batch, rng: torch.Generator) -> ServerView:
+    """The view of one FedSGD step on ``batch``, after the attack's modifier (if any)."""
+    model = copy.deepcopy(base)
+    secrets = {}
+    if "modifier" in spec:
+        modifier = MODIFIERS.build(spec["modifier"])
+        model = modifier.architecture(model)
+        params, secrets = modifier(dict(model.state_dict()), 1, rng)
+        model.load_state_dict(params)
+    view = ServerView.from_local_step(model.train(), batch, TASK)
+    return dataclasses.replace(view, secrets=secrets)
+
+
+# -- running --------------------------------------------------------------------------------
+def cells(cfg: dict) -> Iterable[tuple[str, str, int, int]]:
+    for state in cfg["states"]:
+        for size in cfg["batch_sizes"]:
+            for name in cfg["attacks"]:
+                for k in range(cfg["batches"]):
+                    yield name, state, size, k
+
+
+def _analytic(spec: dict) -> bool:
+    """Whether the attack has no iteration budget (closed form, like imprint)."""
+    return all(f.name != "steps" for f in dataclasses.fields(ATTACKS[spec["name"]]))
+
+
+def attack_of(spec: dict, steps: int):
+    options = {k: v for k, v in spec.items() if k != "modifier"}
+    if not _analytic(spec):
+        options["steps"] = steps
+    return ATTACKS.build(options)
+
+
+def run_one(cfg, name, state, size, k, base, images, out) -> dict:
+    spec = cfg["attacks"][name]
+    picked = list(range(k * size, (k + 1) * size))
+    batch = Batch(images.inputs[picked], images.labels[picked])
+    seed = cfg["seed"]
+    view = server_view(base, spec, batch, seeding.rng(seed, "modifier", name, state, size, k))
+    attack = attack_of(spec, cfg["steps"])
+    start = time.perf_counter()
+    reconstruction = attack(view, seeding.rng(seed, "attack", name, state, size, k))
+    seconds = time.perf_counter() - start
+    result = metrics.score(reconstruction, batch, TASK, view=view)
+    iterations = float(reconstruction.info.get("steps", 0.0)) if hasattr(attack, "steps") else 0
+    if k == 0:  # kept for the grid
+        folder = out / "reconstructions"
+        folder.mkdir(exist_ok=True)
+        torch.save(
+            {"inputs": reconstruction.inputs.detach(), "truth": batch.inputs},
+            folder / f"{name}-{state}-{size}.pt",
+        )
+    return {
+        "attack": name,
+        "state": state,
+        "B": size,
+        "batch": k,
+        "images": " ".join(str(i) for i in picked),
+        "status": "ok",
+        **{f: result.get(f, math.nan) for f in RUN_FIELDS[6:13]},
+        "seconds": seconds,
+        "iterations": iterations,
+        "it_per_s": iterations / seconds if iterations else math.nan,
+    }
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, RUN_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: _fmt(row[k]) for k in RUN_FIELDS})
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+# -- tables ---------------------------------------------------------------------------------
+def summarise(rows: list[dict], cfg: dict) -> list[dict]:
+    out = []
+    for state in cfg["states"]:
+        for size in cfg["batch_sizes"]:
+            for name in cfg["attacks"]:
+                cell = [
+                    r
+                    for r in rows
+                    if (r["attack"], r["state"], int(r["B"])) == (name, state, size)
+                    and r["status"] == "ok"
+                ]
+                if not cell:
+                    continue
+                values = {f: [float(r[f]) for r in cell] for f in RUN_FIELDS[6:]}
+                out.append(
+                    {
+                        "attack": name,
+                        "state": state,
+                        "B": size,
+                        "batches": len(cell),
+                        "psnr_mean": _mean(values["psnr"]),
+                        "psnr_max": _max(values["psnr_max"]),
+                        "ssim_mean": _mean(values["ssim"]),
+                        "ssim_max": _max(values["ssim_max"]),
+                        "label_acc": _mean(values["label_acc"]),
+                        "feature_cos": _mean(values["feature_cos"]),
+                        "lpips": _mean(values["lpips"]),
+                        "seconds": _mean(values["seconds"]),
+                        "it_per_s": _mean(values["it_per_s"]),
+                    }
+                )
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _max(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
+    summary = summarise(rows, cfg)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: _fmt(v) for k, v in r.items()} for r in summary)
+    _atomic(out / SUMMARY, buffer.getvalue())
+    page = markdown(cfg, summary, facts)
+    _atomic(out / PAGE, page)
+    return page
+
+
+def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
+    lpips_note = (
+        "LPIPS (AlexNet) computed."
+        if lpips_available()
+        else "LPIPS: **not computed** (the `lpips` package and torchvision's ImageNet AlexNet "
+        "weights are not on this machine, and fedleak does not download them)."
+    )
+    attacks = "; ".join(
+        f"`{k}` = {json.dumps(v if _analytic(v) else {**v, 'steps': cfg['steps']})}"
+        for k, v in cfg["attacks"].items()
+    )
+    lines = [
+        "# Vision attacks on CIFAR-10",
+        "",
+        f"Machine: {os.cpu_count()} cores (load average {facts['load']} at the start, "
+        f"{_bench.load_average()} now), torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), {facts['commit']}, "
+        f"{facts['started']}; last row {datetime.now().isoformat(timespec='seconds')}.",
+        "",
+        f"Data: {facts['images']}; model: {cfg['model']} (untrained, and trained "
+        f"{cfg['training']['epochs']} epoch(s) of SGD on {facts['pool']}); one FedSGD step "
+        f"per batch; batch k of size B = selected images kB..kB+B-1; {cfg['batches']} batches "
+        f"per cell; budget {cfg['steps']} iterations per optimisation attack. Attacks: {attacks}.",
+        "",
+        "PSNR and SSIM (scikit-image's windowed SSIM, not breaching's CW-SSIM) after Hungarian "
+        "matching on pixel MSE: `psnr mean` averages the batches' mean PSNR, `psnr max` is the "
+        "best single image of the cell. `feature cos`: mean |cos| between recovered and true "
+        "features (feature attacks only). Seconds and it/s per batch (optimisation attacks: "
+        "iterations = gradient-matching evaluations). Rows under a modifier are a malicious "
+        f"server's. {lpips_note}",
+        "",
+        "| attack | state | B | batches | psnr mean | psnr max | ssim mean | ssim max | "
+        "label acc | feature cos | lpips | seconds | it/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        lpips = "not computed" if math.isnan(r["lpips"]) else f"{r['lpips']:.3f}"
+        lines.append(
+            f"| {r['attack']} | {r['state']} | {r['B']} | {r['batches']} | {r['psnr_mean']:.2f} "
+            f"| {r['psnr_max']:.2f} | {r['ssim_mean']:.3f} | {r['ssim_max']:.3f} "
+            f"| {_cell(r['label_acc'], 2)} | {_cell(r['feature_cos'], 3)} | {lpips} "
+            f"| {r['seconds']:.1f} | {_cell(r['it_per_s'], 2)} |"
+        )
+    lines += ["", f"breaching side by side: {facts['breaching']}", ""]
+    return "\n".join(lines)
+
+
+def _cell(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def grid(out: Path, cfg: dict) -> Path | None:
+    """Truths, then each attack's matched reconstructions of batch 0, per model state."""
+    size = cfg["grid_batch_size"]
+    if size not in cfg["batch_sizes"]:
+        size = max(cfg["batch_sizes"])
+    bands, labels = [], []
+    for state in cfg["states"]:
+        saved = {
+            name: out / "reconstructions" / f"{name}-{state}-{size}.pt" for name in cfg["attacks"]
+        }
+        saved = {k: torch.load(v) for k, v in saved.items() if v.is_file()}
+        if not saved:
+            continue
+        truth = TASK.to_pixels(next(iter(saved.values()))["truth"])
+        rows = [truth]
+        labels += [f"truth ({state}, B={size})", *saved]
+        for entry in saved.values():
+            rec = TASK.to_pixels(entry["inputs"].float())
+            rec_idx, true_idx = match(rec, truth)
+            ordered = torch.ones_like(truth)
+            ordered[torch.as_tensor(true_idx)] = rec[torch.as_tensor(rec_idx)]
+            rows.append(ordered)
+        bands.append(torch.stack(rows))  # [rows, B, C, H, W]
+    if not bands:
+        return None
+    tiles = torch.cat(bands)  # every band has the same B
+    scale, gap, margin = 3, 2, 170  # tiles upscaled 3x; a left margin for the row labels
+    n_rows, n_cols, _, h, w = tiles.shape
+    canvas = np.full(
+        (n_rows * (h * scale + gap), margin + n_cols * (w * scale + gap), 3), 255, dtype=np.uint8
+    )
+    for i in range(n_rows):
+        for j in range(n_cols):
+            tile = (tiles[i, j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            tile = tile.repeat(scale, 0).repeat(scale, 1)
+            y, x = i * (h * scale + gap), margin + j * (w * scale + gap)
+            canvas[y : y + h * scale, x : x + w * scale] = tile
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    for i, label in enumerate(labels):
+        draw.text((4, i * (h * scale + gap) + h * scale // 2 - 5), label, fill=(0, 0, 0))
+    path = out / GRID
+    picture.save(path)
+    return path
+
+
+def breaching_row() -> str:
+    """Whether breaching's Inverting Gradients can run here, side by side."""
+    try:
+        import breaching  # noqa: F401 - optional, not a fedleak dependency
+    except Exception as err:  # ImportError, or torchvision's ops failing to load (RuntimeError)
+        return (
+            f"not available (`import breaching`: {type(err).__name__}: {err}). breaching 0.1.2 "
+            "installs from PyPI, but it imports torchvision, and PyPI's torchvision is built "
+            "for PyPI's CUDA torch: against this CPU build its operators do not load "
+            "(`operator torchvision::nms does not exist`), and the matching CPU wheel is only "
+            "on the PyTorch index, which this machine cannot reach."
+        )
+    return "breaching imports here, but its side-by-side row is not implemented yet."
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--quick", action="store_true", help="B = 1, 2; 1 batch; 4 steps")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--data-root", help="folder with the CIFAR-10 files (default: config)")
+    parser.add_argument("--images", type=int, help="attack the first N test images")
+    parser.add_argument("--indices", type=int, nargs="+", help="or exactly these test images")
+    parser.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+")
+    parser.add_argument("--batches", type=int, help="batches per (attack, state, B)")
+    parser.add_argument("--steps", type=int, help="iteration budget of every attack")
+    parser.add_argument("--states", nargs="+", help="untrained and/or trained")
+    parser.add_argument("--attacks", nargs="+", help="row labels from the config's [attacks]")
+    parser.add_argument("--width", type=int, help="ConvNet width")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = settings(args)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    images, pool, pool_text = load_images(cfg)
+    chosen = cfg["indices"] or f"the first {len(images)}"
+    facts = {
+        "load": _bench.load_average(),
+        "commit": _bench.commit(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "images": f"CIFAR-10 test images ({chosen}) from {cfg['data_root']}",
+        "pool": pool_text,
+        "breaching": breaching_row(),
+    }
+    models = base_models(cfg, pool, out)
+    runs = out / RUNS
+    done = {(r["attack"], r["state"], int(r["B"]), int(r["batch"])) for r in read_rows(runs)}
+    todo = [c for c in cells(cfg) if c not in done]
+    print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
+    for name, state, size, k in todo:
+        row = run_one(cfg, name, state, size, k, models[state], images, out)
+        append_row(runs, row)
+        print(
+            f"{name} {state} B={size} batch {k}: psnr {row['psnr']:.2f} ssim {row['ssim']:.3f} "
+            f"labels {row['label_acc']:.2f} {row['seconds']:.1f} s",
+            flush=True,
+        )
+        write_tables(out, cfg, read_rows(runs), facts)
+    page = write_tables(out, cfg, read_rows(runs), facts)
+    grid(out, cfg)
+    print(page)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
