@@ -6,6 +6,9 @@ Import it before anything that imports flwr: Flower reads these settings at impo
 from __future__ import annotations
 
 import atexit
+import csv
+import io
+import math
 import os
 import shutil
 import subprocess
@@ -46,3 +49,49 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "commit unknown"
     return f"commit {head}" + (" + uncommitted changes in fedleak/" if dirty else "")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV file written by :func:`append_row` ([] when it does not exist yet)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict, fields: list[str]) -> None:
+    """Append one row (header first in a new file): results survive an interrupted run."""
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: fmt(row[k]) for k in fields})
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Write a whole table atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fields)
+    writer.writeheader()
+    writer.writerows({k: fmt(v) for k, v in r.items()} for r in rows)
+    atomic(path, buffer.getvalue())
+
+
+def fmt(value) -> str:
+    """A CSV cell: six significant digits for floats, ``nan`` kept."""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def cell(value: float, digits: int) -> str:
+    """A Markdown table cell: ``n/a`` for NaN."""
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step (a reader never sees half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

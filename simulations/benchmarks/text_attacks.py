@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
-import io
 import math
 import os
 import statistics
@@ -284,28 +282,6 @@ def run_one(cfg: dict, data: dict, name: str, size: int, k: int, label: str) -> 
     }
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, RUN_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: _fmt(row[k]) for k in RUN_FIELDS})
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
 # -- tables ---------------------------------------------------------------------------------
 def summarise(rows: list[dict], cfg: dict) -> list[dict]:
     out = []
@@ -338,13 +314,9 @@ def _mean(values: list[float]) -> float:
 
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, SUMMARY_FIELDS)
-    writer.writeheader()
-    writer.writerows({k: _fmt(v) for k, v in r.items()} for r in summary)
-    _atomic(out / SUMMARY, buffer.getvalue())
+    _bench.write_csv(out / SUMMARY, summary, SUMMARY_FIELDS)
     page = markdown(cfg, summary, facts)
-    _atomic(out / PAGE, page)
+    _bench.atomic(out / PAGE, page)
     return page
 
 
@@ -389,8 +361,8 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
     for r in summary:
         lines.append(
             f"| {r['dataset']} | {r['attack']} | {r['B']} | {r['batches']} "
-            + "".join(f"| {_cell(100 * r[f], 1)} " for f in SCORES[:6])
-            + f"| {_cell(r['token_acc'], 3)} | {_cell(r['feature_cos'], 3)} "
+            + "".join(f"| {_bench.cell(100 * r[f], 1)} " for f in SCORES[:6])
+            + f"| {_bench.cell(r['token_acc'], 3)} | {_bench.cell(r['feature_cos'], 3)} "
             f"| {r['seconds']:.1f} | {published(r['dataset'], r['attack'], r['B'])} |"
         )
     lines += ["", *verdict(summary, cfg), ""]
@@ -425,21 +397,11 @@ def verdict(summary: list[dict], cfg: dict) -> list[str]:
             if a["label"].startswith("Pooler")
         )
         lines.append(
-            f"- {name}, R-1 (lamp) mean over B = 2, 4: LAMP {_cell(lamp, 1)}, TAG "
-            f"{_cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}); pooler attacks vs LAMP: {gains} "
-            "(target: >= +5)."
+            f"- {name}, R-1 (lamp) mean over B = 2, 4: LAMP {_bench.cell(lamp, 1)}, TAG "
+            f"{_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}); pooler attacks vs LAMP: "
+            f"{gains} (target: >= +5)."
         )
     return lines
-
-
-def _cell(value: float, digits: int) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -545,7 +507,7 @@ def timing_page(cfg: dict, rows: list[dict], out: Path) -> str:
             total += 10 * 3 * (tag + 2 * full(lamp) + 2 * full(pool))
         lines.append(f"| {steps} | {total / 3600:.1f} |")
     page = "\n".join(lines) + "\n"
-    _atomic(out / TIMING, page)
+    _bench.atomic(out / TIMING, page)
     return page
 
 
@@ -588,20 +550,22 @@ def main(argv: list[str] | None = None) -> None:
         "data": {name: data[name][2] for name in cfg["datasets"]},
     }
     runs = out / RUNS
-    done = {(r["dataset"], int(r["B"]), int(r["batch"]), r["attack"]) for r in read_rows(runs)}
+    done = {
+        (r["dataset"], int(r["B"]), int(r["batch"]), r["attack"]) for r in _bench.read_rows(runs)
+    }
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, size, k, label in todo:
         row = run_one(cfg, data, name, size, k, label)
-        append_row(runs, row)
+        _bench.append_row(runs, row, RUN_FIELDS)
         print(
             f"{name} B={size} batch {k} {label}: R-1 {100 * row['rouge1_lamp']:.1f} (clean "
             f"{100 * row['rouge1']:.1f}) R-2 {100 * row['rouge2_lamp']:.1f} token acc "
             f"{row['token_acc']:.2f} feature cos {row['feature_cos']:.3f} {row['seconds']:.1f} s",
             flush=True,
         )
-        write_tables(out, cfg, read_rows(runs), facts)
-    print(write_tables(out, cfg, read_rows(runs), facts))
+        write_tables(out, cfg, _bench.read_rows(runs), facts)
+    print(write_tables(out, cfg, _bench.read_rows(runs), facts))
 
 
 if __name__ == "__main__":

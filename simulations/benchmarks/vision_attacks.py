@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -297,28 +295,6 @@ def run_one(cfg, name, state, size, k, base, images, out) -> dict:
     }
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def append_row(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, RUN_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: _fmt(row[k]) for k in RUN_FIELDS})
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
 # -- tables ---------------------------------------------------------------------------------
 def summarise(rows: list[dict], cfg: dict) -> list[dict]:
     out = []
@@ -366,13 +342,9 @@ def _max(values: list[float]) -> float:
 
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, SUMMARY_FIELDS)
-    writer.writeheader()
-    writer.writerows({k: _fmt(v) for k, v in r.items()} for r in summary)
-    _atomic(out / SUMMARY, buffer.getvalue())
+    _bench.write_csv(out / SUMMARY, summary, SUMMARY_FIELDS)
     page = markdown(cfg, summary, facts)
-    _atomic(out / PAGE, page)
+    _bench.atomic(out / PAGE, page)
     return page
 
 
@@ -416,21 +388,11 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
         lines.append(
             f"| {r['attack']} | {r['state']} | {r['B']} | {r['batches']} | {r['psnr_mean']:.2f} "
             f"| {r['psnr_max']:.2f} | {r['ssim_mean']:.3f} | {r['ssim_max']:.3f} "
-            f"| {_cell(r['label_acc'], 2)} | {_cell(r['feature_cos'], 3)} | {lpips} "
-            f"| {r['seconds']:.1f} | {_cell(r['it_per_s'], 2)} |"
+            f"| {_bench.cell(r['label_acc'], 2)} | {_bench.cell(r['feature_cos'], 3)} | {lpips} "
+            f"| {r['seconds']:.1f} | {_bench.cell(r['it_per_s'], 2)} |"
         )
     lines += ["", f"breaching side by side: {facts['breaching']}", ""]
     return "\n".join(lines)
-
-
-def _cell(value: float, digits: int) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def grid(out: Path, cfg: dict) -> Path | None:
@@ -527,19 +489,19 @@ def main(argv: list[str] | None = None) -> None:
     }
     models = base_models(cfg, pool, out)
     runs = out / RUNS
-    done = {(r["attack"], r["state"], int(r["B"]), int(r["batch"])) for r in read_rows(runs)}
+    done = {(r["attack"], r["state"], int(r["B"]), int(r["batch"])) for r in _bench.read_rows(runs)}
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, state, size, k in todo:
         row = run_one(cfg, name, state, size, k, models[state], images, out)
-        append_row(runs, row)
+        _bench.append_row(runs, row, RUN_FIELDS)
         print(
             f"{name} {state} B={size} batch {k}: psnr {row['psnr']:.2f} ssim {row['ssim']:.3f} "
             f"labels {row['label_acc']:.2f} {row['seconds']:.1f} s",
             flush=True,
         )
-        write_tables(out, cfg, read_rows(runs), facts)
-    page = write_tables(out, cfg, read_rows(runs), facts)
+        write_tables(out, cfg, _bench.read_rows(runs), facts)
+    page = write_tables(out, cfg, _bench.read_rows(runs), facts)
     grid(out, cfg)
     print(page)
 
