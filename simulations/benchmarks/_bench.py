@@ -11,6 +11,7 @@ import io
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -95,3 +96,22 @@ def atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_summary(table: Path, rows: list[dict], fields: list[str], page: Path, text: str) -> str:
+    """Write a benchmark's summary table (CSV) and its Markdown page; return the page."""
+    write_csv(table, rows, fields)
+    atomic(page, text)
+    return text
+
+
+def finite_mean(values: list[float]) -> float:
+    """The mean of the non-NaN values (NaN when there are none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def finite_max(values: list[float]) -> float:
+    """The largest non-NaN value (NaN when there are none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan

@@ -39,7 +39,6 @@ import copy
 import dataclasses
 import math
 import os
-import statistics
 import sys
 import time
 import tomllib
@@ -301,23 +300,19 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
                         "attack": spec["label"],
                         "B": size,
                         "batches": len(cell),
-                        **{f: _mean([float(r[f]) for r in cell]) for f in [*SCORES, "seconds"]},
+                        **{
+                            f: _bench.finite_mean([float(r[f]) for r in cell])
+                            for f in [*SCORES, "seconds"]
+                        },
                     }
                 )
     return out
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(finite) if finite else math.nan
-
-
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    _bench.write_csv(out / SUMMARY, summary, SUMMARY_FIELDS)
     page = markdown(cfg, summary, facts)
-    _bench.atomic(out / PAGE, page)
-    return page
+    return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
 def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
@@ -388,7 +383,7 @@ def verdict(summary: list[dict], cfg: dict) -> list[str]:
                 for r in summary
                 if (r["dataset"], r["attack"]) == (name, attack) and r["B"] in (2, 4)
             ]
-            return 100 * _mean(cell) if cell else math.nan
+            return 100 * _bench.finite_mean(cell) if cell else math.nan
 
         lamp, tag = r1("LAMP"), r1("TAG")
         gains = ", ".join(

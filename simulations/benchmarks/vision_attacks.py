@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import tomllib
@@ -316,36 +315,24 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
                         "state": state,
                         "B": size,
                         "batches": len(cell),
-                        "psnr_mean": _mean(values["psnr"]),
-                        "psnr_max": _max(values["psnr_max"]),
-                        "ssim_mean": _mean(values["ssim"]),
-                        "ssim_max": _max(values["ssim_max"]),
-                        "label_acc": _mean(values["label_acc"]),
-                        "feature_cos": _mean(values["feature_cos"]),
-                        "lpips": _mean(values["lpips"]),
-                        "seconds": _mean(values["seconds"]),
-                        "it_per_s": _mean(values["it_per_s"]),
+                        "psnr_mean": _bench.finite_mean(values["psnr"]),
+                        "psnr_max": _bench.finite_max(values["psnr_max"]),
+                        "ssim_mean": _bench.finite_mean(values["ssim"]),
+                        "ssim_max": _bench.finite_max(values["ssim_max"]),
+                        "label_acc": _bench.finite_mean(values["label_acc"]),
+                        "feature_cos": _bench.finite_mean(values["feature_cos"]),
+                        "lpips": _bench.finite_mean(values["lpips"]),
+                        "seconds": _bench.finite_mean(values["seconds"]),
+                        "it_per_s": _bench.finite_mean(values["it_per_s"]),
                     }
                 )
     return out
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(finite) if finite else math.nan
-
-
-def _max(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite) if finite else math.nan
-
-
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    _bench.write_csv(out / SUMMARY, summary, SUMMARY_FIELDS)
     page = markdown(cfg, summary, facts)
-    _bench.atomic(out / PAGE, page)
-    return page
+    return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
 def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
