@@ -206,6 +206,12 @@ class Experiment:
                 f"[partition] {len(empty)} of {len(parts)} clients get no examples "
                 f"(e.g. client {empty[0]}); use fewer clients or a larger data set."
             )
+        secure = self.secure_aggregation
+        if secure is not None and hasattr(secure, "check_round"):
+            try:
+                secure.check_round(self.federation.clients_per_round, max(map(len, parts)))
+            except ValueError as err:
+                raise ConfigError(f"[defenses] {err}") from None
         task = self.dataset().task
         for attack in self.attacks:
             if attack.modality != task.modality:

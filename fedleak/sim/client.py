@@ -16,7 +16,11 @@ from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedleak import config, federation
 from fedleak.core import Batch
@@ -26,6 +30,7 @@ CONFIG_KEY = "fedleak-config"  # the resolved experiment, sent in every train co
 CLIENT_KEY = "fedleak-client"  # the client (partition) the server asks this node to play
 WATCHED_KEY = "fedleak-watched"  # whether the server captures this client: only then pack truth
 REPORT_KEY = "fedleak.report"  # who the client is and how it trained (FedAvg averages metrics)
+REPORT_KEYS = ("client", "local_steps", "batch_size", "train_loss")  # SecAgg+: in plaintext
 
 app = ClientApp()
 
@@ -59,16 +64,23 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": MetricRecord(held)}), reply_to=msg)
 
 
+def _local_update(cfg, sent, context: Context) -> tuple[int, federation.Update]:
+    """Train as client ``cfg[CLIENT_KEY]`` on ``sent`` (a state dict, or legacy arrays)."""
+    exp = _experiment(str(cfg[CONFIG_KEY]), str(context.node_config.get("data-root", "")))
+    client = int(cfg[CLIENT_KEY])  # the node's own partition-id when the server discovered it
+    if isinstance(sent, list):  # the legacy API carries arrays in the model's state-dict order
+        names = exp.build_model().state_dict()
+        sent = {k: torch.from_numpy(a.copy()) for k, a in zip(names, sent, strict=True)}
+    return client, federation.local_update(exp, client, int(cfg["server-round"]), sent)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training with the experiment's trainer and defenses."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:  # a stage of Flower's SecAgg+
+        return secaggplus_mod(msg, context, _train_masked)
     cfg = msg.content["config"]
-    exp = _experiment(str(cfg[CONFIG_KEY]), str(context.node_config.get("data-root", "")))
-    client = int(cfg[CLIENT_KEY])  # the node's own partition-id when the server discovered it
-    round = int(cfg["server-round"])
-    update = federation.local_update(
-        exp, client, round, msg.content["arrays"].to_torch_state_dict()
-    )
+    client, update = _local_update(cfg, msg.content["arrays"].to_torch_state_dict(), context)
     result = update.result
     content = RecordDict(
         {
@@ -84,13 +96,40 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _train_masked(msg: Message, context: Context) -> Message:
+    """The same local update in legacy FitIns/FitRes form, for ``secaggplus_mod`` to mask.
+
+    The mod clears the returned arrays after masking them; num_examples and the metrics (here
+    the report, and the truth when watched) stay plaintext, as in Flower.
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = fitins.config
+    client, update = _local_update(cfg, parameters_to_ndarrays(fitins.parameters), context)
+    result = update.result
+    metrics = {
+        "client": client,
+        "local_steps": result.steps,
+        "batch_size": result.batch_size,
+        "train_loss": result.loss,
+    }
+    if cfg.get(WATCHED_KEY, True):
+        metrics[TRUTH_KEY] = _dump(update.truth)
+    fitres = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters([t.numpy() for t in update.params.values()]),
+        len(result.used),
+        metrics,
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
 def _dump(batch: Batch) -> bytes:
     buffer = io.BytesIO()
     torch.save({"inputs": batch.inputs, "labels": batch.labels}, buffer)
     return buffer.getvalue()
 
 
-def load_truth(record: ConfigRecord) -> Batch:
+def load_truth(packed: bytes) -> Batch:
     """The ground truth a client packed with :func:`_dump`."""
-    stored = torch.load(io.BytesIO(record["batch"]), weights_only=True)
+    stored = torch.load(io.BytesIO(packed), weights_only=True)
     return Batch(stored["inputs"], stored["labels"])

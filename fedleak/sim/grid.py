@@ -6,8 +6,8 @@ serialisation both ways: that copies them (FedAvg shares one RecordDict between 
 and catches anything that would not survive a real transport.  A ClientApp exception becomes
 an error reply, as Flower's runtimes do.
 
-This module is fedleak's only use of Flower internals (``TaskIdentity``, ``serde``); a Flower
-upgrade that moves them touches this file alone.
+This module is fedleak's only use of Flower internals (``TaskIdentity``, ``serde``, ``Run``); a
+Flower upgrade that moves them touches this file alone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common import serde
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE_ID = 1
@@ -43,6 +44,7 @@ class LocalGrid(Grid):
             for i in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
+        self._run = Run.create_empty(run_id)  # legacy workflows (SecAgg+) read grid.run.run_id
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE_ID, 1
 
     def set_run(self, run) -> None:  # noqa: D102

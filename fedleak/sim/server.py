@@ -178,33 +178,56 @@ class Observed(Strategy):
             )
         return dict(zip(node_ids, clients, strict=False))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ):
-        """Sample, modify the global model, record it if observed; the inner strategy sends."""
+    def plan(
+        self, server_round: int, params: Params, grid: Grid
+    ) -> tuple[Params, dict[int, dict[str, bool | int]]]:
+        """Sample and place this round's clients and modify the model: (model, node -> config).
+
+        Shared by both aggregation protocols; records the sent model when the round is watched.
+        """
         clients = federation.sample_clients(self.exp, server_round)
         self._assigned = self._place(clients, grid)
         watched = federation.observed_clients(self.exp, server_round, clients)
         if self.exp.secure_aggregation and watched:
             watched = clients  # the aggregate holds every participant's examples
         if watched or any(m.applies_to(server_round) for m in self.exp.modifiers):
-            params, secrets = federation.server_model(
-                self.exp, server_round, arrays.to_torch_state_dict()
-            )
-            arrays = ArrayRecord(params)
+            params, secrets = federation.server_model(self.exp, server_round, params)
             if watched:
                 self.store.write_sent(server_round, params, secrets)
         self._round = {"sampled": len(clients), "watched": watched}
         log.debug("round %d: training clients %s", server_round, clients)
-        participants = _Participants(grid, list(self._assigned))
-        messages = list(self.inner.configure_train(server_round, arrays, config, participants))
+        return params, {
+            node: {CLIENT_KEY: client, WATCHED_KEY: client in watched}
+            for node, client in self._assigned.items()
+        }
+
+    @property
+    def watched(self) -> set[int]:
+        """The clients whose truth this round's capture keeps."""
+        return set(self._round.get("watched", ()))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
+        """Plan the round; the inner strategy addresses exactly the placed nodes."""
+        params, configs = self.plan(server_round, arrays.to_torch_state_dict(), grid)
+        participants = _Participants(grid, list(configs))
+        messages = list(
+            self.inner.configure_train(server_round, ArrayRecord(params), config, participants)
+        )
         for msg in messages:  # one config per recipient: FedAvg shares one RecordDict among all
-            client = self._assigned[msg.metadata.dst_node_id]
-            cfg = ConfigRecord(
-                {**msg.content["config"], CLIENT_KEY: client, WATCHED_KEY: client in watched}
-            )
+            cfg = ConfigRecord({**msg.content["config"], **configs[msg.metadata.dst_node_id]})
             msg.content = RecordDict({**msg.content, "config": cfg})
         return messages
+
+    def record(self, server_round: int, captured: list[_Captured], replies: int, losses) -> None:
+        """Store the round's captured views and truths, and its failures and mean loss."""
+        for c in captured:
+            self.store.write_view(server_round, c.client, c.received, c.report)
+            self.store.write_truth(server_round, c.client, c.truth)
+        losses = list(losses)
+        mean_loss = sum(losses) / len(losses) if losses else float("nan")  # no reply: timed out
+        self._round.update(failures=replies - len(losses), train_loss=mean_loss)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """Strip the truth channel, capture observed clients, log failures, then aggregate."""
@@ -224,20 +247,16 @@ class Observed(Strategy):
                 )
         secure = self.exp.secure_aggregation
         captured = []
-        watched = set(self._round["watched"])
+        watched = self.watched
         for reply in sorted(ok, key=lambda r: int(r.content[REPORT_KEY]["client"])):
             # Watched clients pack their truth; it is stripped before the inner strategy sees it.
             packed = reply.content.pop(TRUTH_KEY) if TRUTH_KEY in reply.content else None
             if packed is not None and int(reply.content[REPORT_KEY]["client"]) in watched:
-                captured.append(_Captured.of(reply, load_truth(packed)))
+                captured.append(_Captured.of(reply, load_truth(packed["batch"])))
         if secure and captured:  # simulated SecAgg: the server learns the aggregate only
             captured = [_Captured.aggregate(captured, secure)]
-        for c in captured:
-            self.store.write_view(server_round, c.client, c.received, c.report)
-            self.store.write_truth(server_round, c.client, c.truth)
         losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
-        mean_loss = sum(losses) / len(losses) if losses else float("nan")  # no reply: timed out
-        self._round.update(failures=len(replies) - len(ok), train_loss=mean_loss)
+        self.record(server_round, captured, len(replies), losses)
         return self.inner.aggregate_train(server_round, ok)
 
     def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
@@ -271,8 +290,12 @@ class Observed(Strategy):
         return MetricRecord(metrics)
 
 
-def serve(grid: Grid, exp: Experiment, store: RunStore, discover: bool) -> None:
-    """The server's whole run: FedAvg wrapped by :class:`Observed`, evaluated every round."""
+def serve(grid: Grid, context, exp: Experiment, store: RunStore, discover: bool) -> None:
+    """The server's whole run: FedAvg wrapped by :class:`Observed`, evaluated every round.
+
+    Under ``secure_aggregation`` with ``protocol = "secaggplus"`` the same :class:`Observed`
+    runs inside Flower's legacy SecAgg+ workflow instead (:mod:`fedleak.sim.secaggplus`).
+    """
     strategy = Observed(
         FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
         exp,
@@ -280,13 +303,20 @@ def serve(grid: Grid, exp: Experiment, store: RunStore, discover: bool) -> None:
         discover,
     )
     store.update_meta(server="running")
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(federation.initial_params(exp)),
-        num_rounds=exp.federation.rounds,
-        train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
-        evaluate_fn=strategy.evaluate,
-    )
+    secure = exp.secure_aggregation
+    if getattr(secure, "protocol", "simulated") == "secaggplus":
+        # Imported here: the legacy stack (and its deprecation warnings) only when asked for.
+        from fedleak.sim import secaggplus
+
+        secaggplus.serve(grid, context, strategy)
+    else:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(federation.initial_params(exp)),
+            num_rounds=exp.federation.rounds,
+            train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
+            evaluate_fn=strategy.evaluate,
+        )
     store.update_meta(server="done")
 
 
@@ -296,7 +326,7 @@ def make_server_app(exp: Experiment, store: RunStore) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context) -> None:
-        serve(grid, exp, store, discover=False)
+        serve(grid, context, exp, store, discover=False)
 
     return app
 
@@ -309,4 +339,4 @@ def main(grid: Grid, context) -> None:
     """Entry point under ``flwr run``: run-config ``run-dir`` names the run directory."""
     store = RunStore(Path(str(context.run_config["run-dir"])))
     # Under flwr run the nodes may be real SuperNodes with their own data: ask who is who.
-    serve(grid, config.load(store.root / "config.toml"), store, discover=True)
+    serve(grid, context, config.load(store.root / "config.toml"), store, discover=True)

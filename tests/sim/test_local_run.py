@@ -4,6 +4,7 @@ import csv
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,66 @@ def test_secure_aggregation_capture_sees_no_individual_update(tmp_path, tiny):
         assert any(not torch.allclose(view.received[k], update.params[k]) for k in sent)
     assert view.num_examples == sum(counts) and len(store.truth(1, -1)) == sum(counts)
     assert len(store.rows("results.csv")) == 1
+
+
+def test_flower_secaggplus_server_sees_only_masked_vectors_and_their_sum(
+    tmp_path, tiny, monkeypatch
+):
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from fedleak.sim.grid import LocalGrid
+
+    replies = []  # every message the server pulls: its whole view of the traffic
+    pull = LocalGrid.pull_messages
+
+    def tapped(self, ids):
+        pulled = list(pull(self, ids))
+        replies.extend(pulled)
+        return pulled
+
+    monkeypatch.setattr(LocalGrid, "pull_messages", tapped)
+    secure = {"name": "secure_aggregation", "protocol": "secaggplus"}
+    spec = tiny(defenses=[secure], clients_per_round=3, rounds=2, observe={"rounds": [1]})
+    exp = config.load(spec)
+    store = pipeline.run(exp, tmp_path / "run")
+    assert store.observed() == [(1, -1)]
+    sent = federation.initial_params(exp)
+    updates = [federation.local_update(exp, c, 1, sent) for c in federation.sample_clients(exp, 1)]
+    counts = [len(u.truth) for u in updates]
+    view = next(iter(store.views(exp)))
+    # The unmasked sum is FedAvg's mean, up to SecAgg+'s quantisation of each weighted model.
+    step = 2 * 8.0 / 2**22 * max(map(len, exp.partitions())) / min(counts)
+    for k in sent:
+        mean = sum(u.params[k] * n for u, n in zip(updates, counts, strict=True)) / sum(counts)
+        torch.testing.assert_close(view.received[k], mean, atol=len(counts) * step, rtol=0)
+    assert view.num_examples == sum(counts) and len(store.truth(1, -1)) == sum(counts)
+    # On the wire: no reply carries an array, and round 1's masked vectors look like noise.
+    assert all(not len(rec) for m in replies for rec in m.content.array_records.values())
+    masked = [
+        np.concatenate([bytes_to_ndarray(b).ravel() for b in cfg[Key.MASKED_PARAMETERS]])
+        for m in replies
+        if Key.MASKED_PARAMETERS in (cfg := m.content.config_records[RECORD_KEY_CONFIGS])
+    ]
+    assert len(masked) == 3 * 2  # 3 clients x 2 rounds
+    flat = [torch.cat([u.params[k].flatten() for k in sent]).numpy() for u in updates]
+    for vector in masked[:3]:
+        assert vector.size == flat[0].size + 1  # + SecAgg+'s weight factor
+        for update in flat:
+            assert abs(np.corrcoef(vector[: update.size].astype(float), update)[0, 1]) < 0.2
+    # and the federation learns as under the ideal functionality
+    spec["defenses"] = [{"name": "secure_aggregation"}]
+    ideal = pipeline.run(config.load(spec), tmp_path / "ideal")
+    losses = [float(r["test_loss"]) for r in read(store.root / "utility.csv")]
+    ideal_losses = [float(r["test_loss"]) for r in read(ideal.root / "utility.csv")]
+    assert losses == pytest.approx(ideal_losses, abs=1e-3) and losses[0] != losses[-1]
+
+
+def test_secaggplus_refuses_bad_protocols_and_rounds_it_would_skip(tiny):
+    secure = {"name": "secure_aggregation", "protocol": "secaggplus"}
+    with pytest.raises(config.ConfigError, match="at least 2 clients per round"):
+        config.load(tiny(defenses=[secure], clients_per_round=1)).check()
+    with pytest.raises(config.ConfigError, match="max_weight=4"):
+        config.load(tiny(defenses=[{**secure, "max_weight": 4}])).check()
+    with pytest.raises(config.ConfigError, match="'secagg'"):
+        config.load(tiny(defenses=[{**secure, "protocol": "secagg"}]))
