@@ -356,8 +356,9 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
         "",
         f"Data: {facts['images']}; model: {cfg['model']} (untrained, and trained "
         f"{cfg['training']['epochs']} epoch(s) of SGD on {facts['pool']}); one FedSGD step "
-        f"per batch; batch k of size B = selected images kB..kB+B-1; {cfg['batches']} batches "
-        f"per cell; budget {cfg['steps']} iterations per optimisation attack. Attacks: {attacks}.",
+        f"per batch; batch k of size B = selected images kB..kB+B-1; column `batches`: the "
+        f"batches run per cell (resumed runs may add more); budget {cfg['steps']} iterations "
+        f"per optimisation attack. Attacks: {attacks}.",
         "",
         "PSNR and SSIM (scikit-image's windowed SSIM, not breaching's CW-SSIM) after Hungarian "
         "matching on pixel MSE: `psnr mean` averages the batches' mean PSNR, `psnr max` is the "
