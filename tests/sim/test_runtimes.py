@@ -75,8 +75,15 @@ def wait_for(path: Path, text: str, count: int, timeout: float) -> None:
     )
 
 
-def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_offline):
-    """SuperLink + 2 SuperNodes over loopback; `flwr run` via the deployment runner."""
+@pytest.mark.parametrize("secure", ["none", "secaggplus"])
+def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_offline, secure):
+    """SuperLink + 2 SuperNodes over loopback; `flwr run` via the deployment runner.
+
+    With ``secaggplus`` the nodes run Flower's SecAgg+ (four round trips, a ClientApp process
+    per message, the protocol's state kept by the SuperNodes between them).
+    """
+    defenses = [] if secure == "none" else [{"name": "secure_aggregation", "protocol": secure}]
+    name = f"fedleak-test-{secure}"
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     logs, procs = tmp_path / "logs", []
@@ -117,12 +124,14 @@ def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_o
             )
         wait_for(logs / "superlink.log", "Activated node_id", 2, timeout=120)
         with (Path(flower_offline) / "config.toml").open("a") as f:
-            f.write(f'\n[superlink.fedleak-test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            # one federation per test: FLWR_HOME (and its config.toml) lasts the whole session
+            f.write(f'\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
         spec = tiny(
             clients=2,
             rounds=1,
             observe={"rounds": [1]},
-            runner={"name": "deployment", "federation": "fedleak-test", "timeout": 900},
+            defenses=defenses,
+            runner={"name": "deployment", "federation": name, "timeout": 900},
         )
         store = pipeline.run(config.load(spec), tmp_path / "run")
     finally:
@@ -132,10 +141,15 @@ def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_o
             proc.wait(timeout=30)
     assert store.meta()["status"] == "done" and store.meta()["server"] == "done"
     assert [int(r["failures"]) for r in store.rows("utility.csv")] == [0, 0]
-    assert sorted(store.observed()) == [(1, 0), (1, 1)]
-    assert len(store.rows("results.csv")) == 2
     # the ServerApp ran in its own process and reached the same numbers as the in-process run
-    local = pipeline.run(
-        config.load(tiny(clients=2, rounds=1, observe={"rounds": [1]})), tmp_path / "local"
-    )
-    same_run_directory(store.root, local.root)
+    spec.pop("runner")
+    local = pipeline.run(config.load(spec), tmp_path / "local")
+    if secure == "none":
+        assert sorted(store.observed()) == [(1, 0), (1, 1)]
+        assert len(store.rows("results.csv")) == 2
+        same_run_directory(store.root, local.root)
+    else:  # one aggregate view, equal up to SecAgg+'s stochastic quantisation
+        assert store.observed() == local.observed() == [(1, -1)]
+        exp = config.load(spec)
+        x, y = (next(iter(s.views(exp))).received for s in (store, local))
+        assert all(torch.allclose(x[k], y[k], atol=1e-3) for k in x)
