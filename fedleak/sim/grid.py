@@ -6,8 +6,9 @@ serialisation both ways: that copies them (FedAvg shares one RecordDict between 
 and catches anything that would not survive a real transport.  A ClientApp exception becomes
 an error reply, as Flower's runtimes do.
 
-This module is fedleak's only use of Flower internals (``TaskIdentity``, ``serde``, ``Run``); a
-Flower upgrade that moves them touches this file alone.
+Besides the SecAgg+ adapter (which needs Flower's legacy compat layer and protocol constants),
+this module is fedleak's only use of Flower internals (``TaskIdentity``, ``serde``, ``Run``); a
+Flower upgrade that moves them touches these places alone.
 """
 
 from __future__ import annotations
