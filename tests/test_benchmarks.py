@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end in --quick mode and write parseable result tables."""
+"""The benchmark scripts run end to end in --quick mode, write parseable tables, and resume."""
 
 import csv
 import os
@@ -11,12 +11,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "simulations" / "benchmarks"
 
 
-def run(script: str, out: Path) -> subprocess.CompletedProcess:
+def run(script: str, out: Path, *options: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``script --quick --out out [options]`` in a subprocess; fails the test if it fails."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *options],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=dict(os.environ),
         check=False,
     )
@@ -90,15 +91,8 @@ def test_scale_quick(tmp_path):
 
 @pytest.mark.slow
 def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
-    command = [sys.executable, str(BENCHMARKS / "vision_attacks.py"), "--quick"]
-    command += ["--out", str(tmp_path), "--data-root", str(data_root)]
-
     def bench() -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=900, env=dict(os.environ), check=False
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
+        return run("vision_attacks.py", tmp_path, "--data-root", str(data_root), timeout=900)
 
     bench()
     runs = read(tmp_path / "vision_attacks_runs.csv")
@@ -125,3 +119,32 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
     assert read(tmp_path / "vision_attacks_runs.csv") == runs
+
+
+@pytest.mark.slow
+def test_text_attacks_quick_and_resumable(tmp_path, data_root):
+    pytest.importorskip("transformers")
+    labels = ["TAG", "LAMP", "Pooler-SELU", "Pooler-x3x2", "Pooler-honest"]
+
+    def bench() -> subprocess.CompletedProcess:
+        return run("text_attacks.py", tmp_path, "--data-root", str(data_root))
+
+    bench()
+    runs = read(tmp_path / "text_attacks_runs.csv")
+    assert len(runs) == len(labels) * 2  # --quick: CoLA, B = 1, 2, one batch per cell
+    assert {r["attack"] for r in runs} == set(labels)
+    for row in runs:
+        assert 0 <= float(row["rouge1_lamp"]) <= 1 and 0 <= float(row["rouge1"]) <= 1
+        assert float(row["seconds"]) > 0 and row["steps"] == "10"
+        pooler = row["attack"].startswith("Pooler")
+        assert (row["feature_cos"] != "nan") == pooler
+        if pooler:
+            assert 0 <= float(row["feature_cos"]) <= 1
+    summary = read(tmp_path / "text_attacks.csv")
+    assert len(summary) == len(runs)
+    page = (tmp_path / "text_attacks.md").read_text()
+    assert "| cola | LAMP | 1 | 1 |" in page and "84.8 / 46.2 / 73.1" in page  # published
+    assert "mean over B = 2, 4" in page
+    again = bench()
+    assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
+    assert read(tmp_path / "text_attacks_runs.csv") == runs
