@@ -230,3 +230,10 @@ def test_secaggplus_refuses_bad_protocols_and_rounds_it_would_skip(tiny):
         config.load(tiny(defenses=[{**secure, "max_weight": 4}])).check()
     with pytest.raises(config.ConfigError, match="'secagg'"):
         config.load(tiny(defenses=[{**secure, "protocol": "secagg"}]))
+    for option, value, message in [
+        ("num_shares", 0, "num_shares must be > 0, got 0"),
+        ("quantization_range", 1, "quantization_range must be >= 2, got 1"),
+        ("max_weight", -1, "max_weight must be >= 0"),
+    ]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(tiny(defenses=[{**secure, option: value}]))
