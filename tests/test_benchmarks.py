@@ -114,7 +114,20 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
     assert len(table) == len(summary) and all(r[10] == "not computed" for r in table)
     assert "breaching side by side:" in page
     assert (tmp_path / "vision_attacks_grid.png").stat().st_size > 0
-    assert list((tmp_path / "checkpoints").glob("*.pt"))
+    trained = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert trained
+    # fewer cells attack fewer images, but the trained model stays the same
+    run(
+        "vision_attacks.py",
+        tmp_path / "b1",
+        "--data-root",
+        str(data_root),
+        "--batch-sizes",
+        "1",
+        "--attacks",
+        "imprint",
+    )
+    assert sorted(p.name for p in (tmp_path / "b1" / "checkpoints").glob("*.pt")) == trained
     # a rerun finds every row done, runs nothing and keeps the rows
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout

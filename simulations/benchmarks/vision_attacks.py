@@ -173,7 +173,9 @@ def load_images(cfg: dict) -> tuple[Batch, Batch | None, str]:
     attacked = Batch(test_batch.inputs[chosen], test_batch.labels[chosen])
     if train is not None:
         return attacked, _sources.to_batch(train, TASK), f"the training split in {root}"
-    used = set(chosen[:needed].tolist())
+    # The whole selection, not just the images this run's cells need: a run of some batch sizes
+    # must attack the same trained model as a run of the others.
+    used = set(chosen.tolist())
     rest = np.array([i for i in range(len(test[1])) if i not in used], dtype=np.int64)
     pool = Batch(test_batch.inputs[rest], test_batch.labels[rest])
     return attacked, pool, f"the {len(rest)} test images in {root} that no cell attacks"
