@@ -178,7 +178,7 @@ def load_images(cfg: dict) -> tuple[Batch, Batch | None, str]:
     used = set(chosen.tolist())
     rest = np.array([i for i in range(len(test[1])) if i not in used], dtype=np.int64)
     pool = Batch(test_batch.inputs[rest], test_batch.labels[rest])
-    return attacked, pool, f"the {len(rest)} test images in {root} that no cell attacks"
+    return attacked, pool, f"the {len(rest)} test images in {root} outside the selection"
 
 
 def batches_text(cfg: dict) -> str:
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="B = 1, 2; 1 batch; 4 steps")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--data-root", help="folder with the CIFAR-10 files (default: config)")
-    parser.add_argument("--images", type=int, help="attack the first N test images")
+    parser.add_argument("--images", type=int, help="select the first N test images")
     parser.add_argument("--indices", type=int, nargs="+", help="or exactly these test images")
     parser.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+")
     parser.add_argument("--batches", type=int, help="batches per (attack, state, B)")
