@@ -2,10 +2,13 @@
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
+from fedleak import seeding
+from fedleak.core import Batch, Task
 from fedleak.sim import OFFLINE_ENV
 
 # One thread per process: on a 2-core machine shared with Ray actors and SuperNodes, torch's
@@ -68,3 +71,49 @@ TINY = {
 def tiny():
     """A function returning the tiny experiment with top-level keys replaced."""
     return lambda **changes: {**TINY, **changes}
+
+
+class TextCase:
+    """Text fixtures: a 12-token task over MiniLM's vocabulary, a one-layer BERT, sentences."""
+
+    SENTENCES = (
+        "the film was a joy from start to finish .",
+        "a dull and far too long movie .",
+        "he was born in the city of london .",
+        "she loved every minute of it .",
+        "what a waste of a good cast .",
+        "i would watch it again tomorrow .",
+    )
+    SIZES: ClassVar[dict[str, int]] = {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}
+
+    def __init__(self) -> None:
+        from fedleak import hf
+
+        self.task = Task("text", (12,), 2, tokenizer=hf.tokenizer_dir())
+        self._tokenizer = hf.tokenizer(self.task.tokenizer)
+
+    def batch(self, rows, labels=None) -> Batch:
+        """Sentences ``rows``, padded to 12 tokens; labels default to ``row % 2``."""
+        ids = self._tokenizer(
+            [self.SENTENCES[i] for i in rows],
+            padding="max_length",
+            max_length=self.task.input_shape[0],
+            return_tensors="pt",
+        )["input_ids"]
+        labels = [i % 2 for i in rows] if labels is None else list(labels)
+        return Batch(ids.long(), torch.tensor(labels))
+
+    def model(self, seed=0, **sizes):
+        """A tiny BERT for :attr:`task`, seeded: :attr:`SIZES`, or ``sizes`` on tiny_bert's
+        defaults (2 layers, 128 wide) when given."""
+        from fedleak.models import MODELS
+
+        with seeding.isolated(seed, "model"):
+            return MODELS["tiny_bert"](**(sizes or self.SIZES))(self.task)
+
+
+@pytest.fixture(scope="session")
+def text():
+    """The :class:`TextCase` (skips without transformers)."""
+    pytest.importorskip("transformers")
+    return TextCase()

@@ -8,54 +8,29 @@ from torch import nn
 
 from fedleak import seeding
 from fedleak.attacks import ATTACKS, _text
-from fedleak.core import Attack, Batch, ServerView, Task
+from fedleak.core import Attack, ServerView, Task
 from fedleak.metrics import score
 from fedleak.registry import ConfigError
 
 pytest.importorskip("transformers")
 
-TINY = {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}
-SENTENCES = [
-    "the film was a joy from start to finish .",
-    "a dull and far too long movie .",
-    "he was born in the city of london .",
-    "she loved every minute of it .",
-]
 FAST = {"steps": 4, "init_candidates": 2, "swap_every": 2, "swap_candidates": 3, "prior": "none"}
 
 
 @pytest.fixture(scope="module")
-def task():
-    from fedleak import hf
+def view_of(text):
+    """``view_of(rows, labels, seed, **sizes)``: one FedSGD step of a tiny BERT, and its batch."""
 
-    return Task("text", (12,), 2, tokenizer=hf.tokenizer_dir())
+    def make(rows=(0,), labels=(1,), seed=0, **sizes):
+        batch = text.batch(rows, labels)
+        return ServerView.from_local_step(text.model(seed, **sizes), batch, text.task), batch
 
-
-def _batch(task, rows, labels):
-    from fedleak import hf
-
-    tok = hf.tokenizer(task.tokenizer)
-    ids = tok(
-        [SENTENCES[i] for i in rows], padding="max_length", max_length=12, return_tensors="pt"
-    )["input_ids"]
-    return Batch(ids.long(), torch.tensor(labels))
-
-
-def _model(task, seed=0, **options):
-    from fedleak.models import MODELS
-
-    with seeding.isolated(seed, "model"):
-        return MODELS["tiny_bert"](**(options or TINY))(task)
-
-
-def _view(task, rows=(0,), labels=(1,), seed=0, **options):
-    batch = _batch(task, list(rows), list(labels))
-    return ServerView.from_local_step(_model(task, seed, **options), batch, task), batch
+    return make
 
 
 @pytest.mark.parametrize("name", ["tag", "lamp"])
-def test_contract_shape_labels_info_and_determinism(task, name):
-    view, batch = _view(task, rows=(0, 1), labels=(1, 0))
+def test_contract_shape_labels_info_and_determinism(name, view_of, text):
+    view, batch = view_of(rows=(0, 1), labels=(1, 0))
     attack = ATTACKS[name](**({"steps": 4} if name == "tag" else FAST))
     assert isinstance(attack, Attack) and attack.modality == "text"
     a = attack(view, seeding.rng(3))
@@ -72,12 +47,12 @@ def test_contract_shape_labels_info_and_determinism(task, name):
     bag = set(batch.inputs.flatten().tolist())
     assert set(a.inputs.flatten().tolist()) <= bag
     assert a.info["bag_size"] == len(bag - {0})
-    result = score(a, batch, task)
+    result = score(a, batch, text.task)
     assert 0 <= result["rouge1"] <= 1 and 0 <= result["token_acc"] <= 1
 
 
-def test_what_the_update_tells_bag_and_longest_sentence(task):
-    view, batch = _view(task, rows=(1, 3), labels=(0, 1))
+def test_what_the_update_tells_bag_and_longest_sentence(view_of):
+    view, batch = view_of(rows=(1, 3), labels=(0, 1))
     model = view.model()
     bag = _text.token_bag(view, model)
     assert set(bag.tolist()) == set(batch.inputs.flatten().tolist()) - {0}  # [PAD] masked out
@@ -89,8 +64,8 @@ def test_what_the_update_tells_bag_and_longest_sentence(task):
     assert not set(everything.tolist()) & set(range(1, 100))  # [unused*] tokens excluded
 
 
-def test_known_labels_and_lengths_are_used_and_reported(task):
-    view, batch = _view(task, rows=(1, 3), labels=(0, 1))
+def test_known_labels_and_lengths_are_used_and_reported(view_of):
+    view, batch = view_of(rows=(1, 3), labels=(0, 1))
     lengths = (batch.inputs != 0).sum(1).tolist()
     attack = ATTACKS["lamp"](**FAST, known_labels=(1, 0), known_lengths=tuple(lengths))
     result = attack(view, seeding.rng(0))
@@ -99,24 +74,24 @@ def test_known_labels_and_lengths_are_used_and_reported(task):
     assert result.info["labels_known"] == 1 and result.info["lengths_known"] == 1
 
 
-def test_no_bag_uses_the_whole_vocabulary(task):
-    view, batch = _view(task)
+def test_no_bag_uses_the_whole_vocabulary(view_of):
+    view, batch = view_of()
     result = ATTACKS["tag"](steps=3, bag=False)(view, seeding.rng(0))
     assert torch.isnan(torch.tensor(result.info["bag_size"]))
     assert not set(result.inputs[0, 1:-3].tolist()) <= set(batch.inputs.flatten().tolist())
 
 
-def test_a_fedavg_update_is_unrolled(task):
+def test_a_fedavg_update_is_unrolled(text):
     from fedleak.training import TRAINERS
 
-    batch = _batch(task, [0, 2], [1, 0])
-    model = _model(task)
+    batch = text.batch([0, 2], [1, 0])
+    model = text.model()
     sent = {k: v.clone() for k, v in model.state_dict().items()}
     TRAINERS["sgd"](lr=0.01, local_steps=2, batch_size=1).fit(
         model, batch, nn.functional.cross_entropy, seeding.rng(0, "train")
     )
     view = ServerView(
-        round=1, client=0, task=task, build_model=lambda: _model(task),
+        round=1, client=0, task=text.task, build_model=text.model,
         loss_fn=nn.functional.cross_entropy, sent=sent, received=model.state_dict(),
         num_examples=2, lr=0.01, local_steps=2, batch_size=1, protocol={"name": "sgd"},
     )  # fmt: skip
@@ -124,17 +99,17 @@ def test_a_fedavg_update_is_unrolled(task):
     assert result.inputs.shape == (2, 12) and result.info["swaps"] >= 0
 
 
-def test_the_ngram_prior_is_used_when_a_corpus_is_given(task, tmp_path):
+def test_the_ngram_prior_is_used_when_a_corpus_is_given(tmp_path, view_of, text):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(SENTENCES * 5))
-    view, _ = _view(task)
+    corpus.write_text("\n".join(text.SENTENCES * 5))
+    view, _ = view_of()
     options = {**FAST, "prior": "ngram", "corpus": str(corpus)}
     assert ATTACKS["lamp"](**options)(view, seeding.rng(0)).info["prior"] == 1
     assert ATTACKS["lamp"](**FAST)(view, seeding.rng(0)).info["prior"] == 0
 
 
-def test_an_image_view_is_refused(task):
-    view, _ = _view(task)
+def test_an_image_view_is_refused(view_of):
+    view, _ = view_of()
     image = dataclasses.replace(view, task=Task("image", (1, 8, 8), 2))
     with pytest.raises(ValueError, match="attacks text"):
         ATTACKS["tag"](steps=1)(image, seeding.rng(0))
@@ -156,8 +131,8 @@ def test_bad_options_are_config_errors(options, message):
         ATTACKS.build({"name": "lamp", **options})
 
 
-def test_known_options_must_fit_the_batch(task):
-    view, _ = _view(task, rows=(0, 1), labels=(1, 0))
+def test_known_options_must_fit_the_batch(view_of):
+    view, _ = view_of(rows=(0, 1), labels=(1, 0))
     with pytest.raises(ValueError, match="known_labels has 1 labels for 2 sentences"):
         ATTACKS["lamp"](**FAST, known_labels=(1,))(view, seeding.rng(0))
     with pytest.raises(ValueError, match="exceed the task's max_len=12"):
@@ -168,14 +143,14 @@ def test_known_options_must_fit_the_batch(task):
 # Measured (clean ROUGE-1 on sentences 0-3, seed = sentence): LAMP 0.74, 0.57, 0.88, 1.00
 # (mean 0.80), TAG 0.63, 0.62, 0.88, 0.46 (mean 0.65); 7-18 s per attack on a busy 2-core box.
 @pytest.mark.slow
-def test_easy_recovery_lamp_beats_tag(task):
+def test_easy_recovery_lamp_beats_tag(view_of, text):
     lamp_options = {"steps": 100, "prior": "none", "init_candidates": 5, "swap_every": 25,
                     "swap_candidates": 20}  # fmt: skip
     totals = {"tag": [], "lamp": []}
     for seed in range(4):
-        view, batch = _view(task, rows=(seed,), labels=(seed % 2,), seed=seed, layers=2)
+        view, batch = view_of(rows=(seed,), labels=(seed % 2,), seed=seed, layers=2)
         for name, options in (("tag", {"steps": 100}), ("lamp", lamp_options)):
-            result = score(ATTACKS[name](**options)(view, seeding.rng(seed)), batch, task)
+            result = score(ATTACKS[name](**options)(view, seeding.rng(seed)), batch, text.task)
             totals[name].append(result["rouge1"])
             assert result["label_acc"] == 1
             assert result["rouge1"] >= (0.5 if name == "lamp" else 0.4), (name, seed, result)

@@ -6,28 +6,15 @@ import pytest
 import torch
 
 from fedleak import seeding
-from fedleak.core import Task
 from fedleak.modifiers import MODIFIERS
 from fedleak.registry import ConfigError
 
 pytest.importorskip("transformers")
 
-TINY = {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}
-
 
 @pytest.fixture(scope="module")
-def task():
-    from fedleak import hf
-
-    return Task("text", (12,), 2, tokenizer=hf.tokenizer_dir())
-
-
-@pytest.fixture(scope="module")
-def base(task):
-    from fedleak.models import MODELS
-
-    with seeding.isolated(0, "model"):
-        return MODELS["tiny_bert"](**TINY)(task).eval()
+def base(text):
+    return text.model().eval()
 
 
 def _ids(count=3, length=12):
