@@ -452,6 +452,9 @@ class LAMP:
             prior = (others + problem.prior.nll(candidates, lengths)) / float(tokens.sum())
             scores = self._candidate_losses(problem, free.detach(), row, words)
             total = scores + self.prior_weight * prior.to(scores.dtype)
+            extra = self._candidate_extra(problem, free.detach(), row, words)
+            if extra is not None:
+                total = total + extra.to(total.dtype)
             best = int(total.argmin())
             if best != 0:
                 with torch.no_grad():
@@ -507,6 +510,16 @@ class LAMP:
 
     def _extra(self, problem: Problem, free: Tensor, step: int) -> Tensor | None:
         """Extra terms of the continuous objective, after the update was predicted."""
+        return None
+
+    def _candidate_extra(
+        self, problem: Problem, free: Tensor, row: int, words: Tensor
+    ) -> Tensor | None:
+        """Extra scores ``[K]`` of a discrete step's candidates, or None.
+
+        Candidate ``k`` is the batch with row ``row``'s words set to ``words[k]``; its score
+        adds to the gradient distance and the prior.
+        """
         return None
 
     def _outputs(self, problem: Problem, best: Tensor) -> dict[str, Any]:

@@ -158,6 +158,8 @@ class PoolerAttack(LAMP):
     assign_every: int = 1  # steps between Hungarian re-assignments
     sources: str = "both"  # stage-1 moments: first layer, second (classifier), or both
     order: int = 0  # stage-1 moment order (3 or 4); 0 = chosen per activation
+    swap_features: bool = False  # also score discrete steps by the feature term (official:
+    # --pooler_match_for_swap, off in the published sweeps)
     oracle: bool = False  # reproduce the official code: truth-based pairing (labelled in info)
     margin: float = 0.0  # oracle only: stop pushing pairs within margin of the truth's cosine
 
@@ -231,30 +233,52 @@ class PoolerAttack(LAMP):
     def _extra(self, problem: Problem, free: Tensor, step: int) -> Tensor | None:
         if not self.feature_weight or not problem.captured:
             return None
-        cos = _cosines(problem)  # [candidates, directions]
+        cos = _cosines(_batch_features(problem), problem.state["directions"])
+        if not self.oracle and self.assignment == "hungarian" and step % self.assign_every == 0:
+            problem.state["pairing"] = _hungarian(cos)
+        return self._feature_term(problem, cos)
+
+    def _feature_term(self, problem: Problem, cos: Tensor) -> Tensor:
+        """``α_feat (1 − mean fit²)`` of cosines ``[..., candidates, directions]``."""
         state = problem.state
-        rows = torch.arange(len(cos))
+        if self.assignment == "max" and not self.oracle:
+            # Assignment-free: each recovered direction is credited to its closest candidate.
+            return self.feature_weight * (1 - cos.square().max(-2).values.mean(-1))
+        fit = cos[..., torch.arange(cos.shape[-2]), state["pairing"]]
         if self.oracle:
-            fit = cos[rows, state["pairing"]].abs()
             # The official margin: a pair that matches within ``margin`` of how well its
             # recovered direction matches the truth is no longer pushed.
+            fit = fit.abs()
             done = fit.detach() + self.margin >= state["targets"]
             fit = torch.where(done, torch.ones_like(fit), fit)
-            return self.feature_weight * (1 - fit.square().mean())
-        if self.assignment == "max":
-            # Assignment-free: each recovered direction is credited to its closest candidate.
-            return self.feature_weight * (1 - cos.square().max(0).values.mean())
-        if step % self.assign_every == 0:
-            state["pairing"] = _hungarian(cos)
-        fit = cos[rows, state["pairing"]]
-        return self.feature_weight * (1 - fit.square().mean())
+        return self.feature_weight * (1 - fit.square().mean(-1))
+
+    def _candidate_extra(
+        self, problem: Problem, free: Tensor, row: int, words: Tensor
+    ) -> Tensor | None:
+        if not (self.swap_features and self.feature_weight):
+            return None
+        # Two forwards without gradients give the pooler inputs of the current batch and of
+        # the K candidate sentences.
+        n, length = words.shape[1], int(problem.lengths[row])
+        embeds = problem.assemble(free)[row : row + 1, :length].repeat(len(words), 1, 1)
+        embeds[:, 1 : n + 1] = words
+        problem.captured.clear()
+        with torch.no_grad():
+            problem.update.logits(problem.pack(problem.assemble(free)))
+            problem.update.logits(torch.cat([embeds, torch.ones(len(words), length, 1)], -1))
+        current, candidates = problem.captured
+        problem.captured.clear()
+        batch = current.repeat(len(words), 1, 1)  # [K, B, d]
+        batch[:, row] = candidates
+        return self._feature_term(problem, _cosines(batch, problem.state["directions"]))
 
     def _outputs(self, problem: Problem, best: Tensor) -> dict[str, Any]:
         # How well the final candidates fit the recovered directions (no truth involved).
         problem.captured.clear()
         with torch.no_grad():
             problem.update.logits(problem.pack(problem.assemble(best)))
-        cos = _cosines(problem)
+        cos = _cosines(_batch_features(problem), problem.state["directions"])
         fit = cos[torch.arange(len(cos)), _hungarian(cos)]
         problem.info["feature_fit"] = float(fit.square().mean())
         return {
@@ -263,10 +287,9 @@ class PoolerAttack(LAMP):
         }
 
 
-def _cosines(problem: Problem) -> Tensor:
-    """Cosines ``[B, B]`` of the candidates' pooler inputs with the recovered directions."""
-    features = _batch_features(problem)
-    return nn.functional.normalize(features, dim=1) @ problem.state["directions"].T
+def _cosines(features: Tensor, directions: Tensor) -> Tensor:
+    """Cosines ``[..., B, B]`` of candidates' pooler inputs with the recovered directions."""
+    return nn.functional.normalize(features, dim=-1) @ directions.T
 
 
 def _hungarian(cos: Tensor) -> Tensor:

@@ -78,6 +78,32 @@ def test_oracle_free_assignments_run(assignment, view_of):
     assert result.info["oracle"] == 0 and torch.isfinite(torch.tensor(result.info["loss"]))
 
 
+@pytest.mark.parametrize("assignment", ["hungarian", "max"])
+def test_swap_features_scores_each_candidate_by_the_feature_term(assignment, view_of, monkeypatch):
+    from fedleak.attacks.pooler import PoolerAttack
+
+    scored = []
+    original = PoolerAttack._candidate_extra
+
+    def spy(self, problem, free, row, words):
+        extra = original(self, problem, free, row, words)
+        scored.append((extra, len(words)))
+        return extra
+
+    monkeypatch.setattr(PoolerAttack, "_candidate_extra", spy)
+    view, _ = view_of([1, 2])
+    ATTACKS["pooler"](**FAST, assignment=assignment)(view, seeding.rng(0))
+    assert scored and all(extra is None for extra, _ in scored)  # off by default
+    scored.clear()
+    ATTACKS["pooler"](**FAST, assignment=assignment, swap_features=True)(view, seeding.rng(0))
+    assert scored
+    for extra, count in scored:
+        assert extra.shape == (count,) and ((extra >= 0) & (extra <= 0.1 + 1e-6)).all()
+    # reorderings move the candidate's pooler input (with "max", a row another candidate
+    # dominates for every direction leaves the term unchanged)
+    assert any(extra.std() > 0 for extra, _ in scored)
+
+
 def test_no_oracle_by_default_and_the_oracle_needs_the_truth(view_of):
     assert ATTACKS["pooler"]().oracle is False
     view, batch = view_of([0, 1])
