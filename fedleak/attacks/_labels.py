@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedleak.attacks._matching import classifier
 from fedleak.core import ServerView
+from fedleak.models import classifier
 
 STRATEGIES: tuple[str, ...] = ("idlg", "analytic", "yin", "llg", "bias_corrected")
 
@@ -44,7 +44,7 @@ def check(strategy: str, who: str) -> None:
 def recover(view: ServerView, count: int, strategy: str = "bias_corrected") -> Tensor:
     """``count`` labels (sorted, long) read off the classifier's update in ``view``."""
     check(strategy, "label recovery")
-    name, _ = classifier(view.model())
+    name, _ = classifier(view.model(), "label recovery")
     gradient = view.gradient()
     weight = gradient[f"{name}.weight"].detach().double()  # [C, k]
     bias = gradient.get(f"{name}.bias")

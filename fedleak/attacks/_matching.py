@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from fedleak.core import ServerView
@@ -175,14 +175,3 @@ def total_variation(images: Tensor) -> Tensor:
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
     return dx + dy
-
-
-def classifier(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The name and module of the model's last ``nn.Linear`` (its classifier)."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear layer; label recovery and feature attacks "
-            "need a fully connected classifier"
-        )
-    return found[-1]

@@ -60,9 +60,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from fedleak.attacks import ATTACKS, _prior, _tensor
-from fedleak.attacks._matching import Update, classifier
+from fedleak.attacks._matching import Update
 from fedleak.attacks.inverting_gradients import InvertingGradients, Term
 from fedleak.core import Reconstruction, ServerView
+from fedleak.models import classifier
 from fedleak.modifiers import gaussian_head
 
 PRIORS = ("dip", "none")
@@ -192,7 +193,7 @@ def analytic_features(view: ServerView, labels: Tensor) -> _Recovered:
     Exact (up to floating point) for one example; for a batch, row ``c`` mixes every example's
     feature weighted by its residual on class ``c``, dominated by the examples labelled ``c``.
     """
-    name, layer = classifier(view.model())
+    name, layer = classifier(view.model(), "the analytic feature recovery")
     if layer.bias is None:
         raise ValueError(
             f"features 'analytic' divide the classifier's weight gradient by its bias gradient, "

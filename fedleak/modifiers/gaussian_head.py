@@ -52,7 +52,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from fedleak import seeding
+from fedleak import models, seeding
 from fedleak.core import Params, Secrets
 from fedleak.modifiers import MODIFIERS
 
@@ -158,13 +158,7 @@ class GaussianHead:
         """
         if any(isinstance(m, Head) for m in model.modules()):
             raise ValueError("gaussian_head: the model already has a Gaussian head; add it once")
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                "gaussian_head: the model has no nn.Linear classifier to put the head in front of"
-            )
-        name = linears[-1]
-        classifier = model.get_submodule(name)
+        name, classifier = models.classifier(model, "gaussian_head")
         with seeding.isolated(0, "gaussian_head", self.width, self.activation):
             head = Head(
                 classifier.in_features, self.width, classifier.out_features, self.activation

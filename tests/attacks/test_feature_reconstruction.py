@@ -8,10 +8,10 @@ from torch import nn
 
 from fedleak import seeding
 from fedleak.attacks import ATTACKS
-from fedleak.attacks._matching import classifier
 from fedleak.attacks.feature_reconstruction import analytic_features, two_layer_head
 from fedleak.core import Attack, Batch, ServerView, Task
 from fedleak.metrics import score
+from fedleak.models import classifier
 from fedleak.modifiers import MODIFIERS
 from fedleak.registry import ConfigError
 
@@ -75,7 +75,7 @@ def test_the_deep_image_prior_recovers_a_single_image():
 
 def test_analytic_features_are_exact_for_one_example():
     view, truth = _view(3, size=1, seed=2)
-    name, _ = classifier(view.model())
+    name, _ = classifier(view.model(), "test")
     true = _inputs_of(view.model(), name, truth.inputs)
     recovered = analytic_features(view, truth.labels)
     assert recovered.layer == name

@@ -161,7 +161,9 @@ def test_misuse_raises():
         locate(_model("mlp"))
     with pytest.raises(ValueError, match="expected one head"):
         modifier(_model("mlp").state_dict(), 1, torch.Generator())
-    with pytest.raises(ValueError, match=r"no nn\.Linear classifier"):
+    with pytest.raises(
+        ValueError, match=r"gaussian_head needs a fully connected classifier \(an nn\.Linear\)"
+    ):
         modifier.architecture(nn.Sequential(nn.Conv2d(1, 2, 3)))
     # A bare linear model becomes the head itself.
     bare = modifier.architecture(nn.Linear(64, 10))
