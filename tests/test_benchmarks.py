@@ -105,6 +105,7 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
         assert row["status"] == "ok" and float(row["seconds"]) > 0
         assert float(row["psnr"]) > 0
         assert row["lpips"] == "nan"  # no LPIPS backbone weights on a test machine
+        assert row["commit"] and row["finished"]  # each row's provenance
     features = [r for r in runs if r["attack"].startswith("feature_reconstruction")]
     assert all(0 <= float(r["feature_cos"]) <= 1 for r in features)
     summary = read(tmp_path / "vision_attacks.csv")
@@ -112,22 +113,31 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
     page = (tmp_path / "vision_attacks.md").read_text()
     table = table_rows(page, "attack")
     assert len(table) == len(summary) and all(r[10] == "not computed" for r in table)
+    assert "; rows finished 20" in page and " at commit " in page
     assert "breaching side by side:" in page
     assert (tmp_path / "vision_attacks_grid.png").stat().st_size > 0
     trained = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
     assert trained
     # fewer cells attack fewer images, but the trained model stays the same
-    run(
-        "vision_attacks.py",
-        tmp_path / "b1",
-        "--data-root",
-        str(data_root),
-        "--batch-sizes",
-        "1",
-        "--attacks",
-        "imprint",
-    )
+    options = ["--data-root", str(data_root), "--batch-sizes", "1", "--attacks", "imprint"]
+    run("vision_attacks.py", tmp_path / "b1", *options)
     assert sorted(p.name for p in (tmp_path / "b1" / "checkpoints").glob("*.pt")) == trained
+    # rows written before the stamp columns existed: --report only rewrites the tables, and a
+    # later run rewrites the file with the new columns, the old rows left blank in them
+    older = tmp_path / "b1" / "vision_attacks_runs.csv"
+    rows = read(older)
+    with older.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0])[:-2], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    report = run("vision_attacks.py", tmp_path / "b1", *options, "--report")
+    assert "to run" not in report.stdout and "rows not stamped" in report.stdout
+    run("vision_attacks.py", tmp_path / "b1", *options, "--batches", "2")
+    grown = read(older)
+    assert len(grown) == 2 * len(rows) and list(grown[0]) == list(rows[0])
+    assert [bool(r["finished"]) for r in grown] == [False] * len(rows) + [True] * len(rows)
+    page = (tmp_path / "b1" / "vision_attacks.md").read_text()
+    assert f"({len(rows)} earlier rows unstamped)" in page
     # a rerun finds every row done, runs nothing and keeps the rows
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
@@ -149,6 +159,7 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     for row in runs:
         assert 0 <= float(row["rouge1_lamp"]) <= 1 and 0 <= float(row["rouge1"]) <= 1
         assert float(row["seconds"]) > 0 and row["steps"] == "10"
+        assert row["commit"] and row["finished"]
         pooler = row["attack"].startswith("Pooler")
         assert (row["feature_cos"] != "nan") == pooler
         if pooler:
@@ -161,3 +172,5 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
     assert read(tmp_path / "text_attacks_runs.csv") == runs
+    report = run("text_attacks.py", tmp_path, "--data-root", str(data_root), "--report")
+    assert "to run" not in report.stdout and "; rows finished 20" in report.stdout

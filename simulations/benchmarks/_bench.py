@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 from fedleak.sim import OFFLINE_ENV  # flwr-free: Flower is not imported yet
@@ -61,13 +62,46 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict, fields: list[str]) -> None:
-    """Append one row (header first in a new file): results survive an interrupted run."""
+    """Append one row (header first in a new file): results survive an interrupted run.
+
+    A file written with fewer columns is rewritten first, its rows blank in the new ones.
+    """
     new = not path.is_file()
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            write_csv(path, read_rows(path), fields)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fields)
         if new:
             writer.writeheader()
         writer.writerow({k: fmt(row[k]) for k in fields})
+
+
+STAMP = ["commit", "finished"]  # the last columns of every runs file: each row's provenance
+
+
+def stamp(row: dict, measured: str) -> dict:
+    """``row`` with the commit its run measured (``commit()`` at its start) and the time now."""
+    return {
+        **row,
+        "commit": measured.removeprefix("commit "),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def provenance(rows: list[dict]) -> str:
+    """When and at which commits ``rows`` were computed, from their stamps."""
+    stamped = [r for r in rows if r.get("finished")]
+    if not stamped:
+        return "rows not stamped (written before runs recorded their commit)"
+    commits = list(dict.fromkeys(r["commit"] for r in stamped))
+    times = sorted(r["finished"] for r in stamped)
+    text = f"rows finished {times[0]} to {times[-1]} at commit {', '.join(commits)}"
+    if len(stamped) < len(rows):
+        text += f" ({len(rows) - len(stamped)} earlier rows unstamped)"
+    return text
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:

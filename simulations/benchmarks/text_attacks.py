@@ -86,6 +86,7 @@ RUN_FIELDS = [
     *SCORES,
     "stage1_confidence",
     "seconds",
+    *_bench.STAMP,
 ]
 SUMMARY_FIELDS = ["dataset", "attack", "B", "batches", *SCORES, "seconds"]
 # The pooler paper's results file (BERT-base; notes §1.8): R-1 / R-2 / R-L at B = 1, 2, 4.
@@ -311,7 +312,7 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
 
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    page = markdown(cfg, summary, facts)
+    page = markdown(cfg, summary, {**facts, "provenance": _bench.provenance(rows)})
     return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
@@ -327,10 +328,9 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
     lines = [
         "# Text attacks on MiniLM",
         "",
-        f"Machine: {os.cpu_count()} cores (load average {facts['load']} at the start, "
-        f"{_bench.load_average()} now), torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads), {facts['commit']}, "
-        f"{facts['started']}; last row {datetime.now().isoformat(timespec='seconds')}.",
+        f"Machine: {os.cpu_count()} cores (load average {facts['load']} at the start of the "
+        f"last run, {_bench.load_average()} now), torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads); {facts['provenance']}.",
         "",
         f"Model: `{cfg['model']}`; one FedSGD step per batch; sentences truncated to "
         f"{cfg['max_len']} tokens; selection `{cfg['select']}` (seed {cfg['select_seed']}), batch "
@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unknown", action="store_true", help="recover labels and lengths")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--report", action="store_true", help="only rewrite the tables from the rows in --out"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -541,17 +544,19 @@ def main(argv: list[str] | None = None) -> None:
     facts = {
         "load": _bench.load_average(),
         "commit": _bench.commit(),
-        "started": datetime.now().isoformat(timespec="seconds"),
         "data": {name: data[name][2] for name in cfg["datasets"]},
     }
     runs = out / RUNS
+    if args.report:  # e.g. after concatenating the runs files of parallel runs
+        print(write_tables(out, cfg, _bench.read_rows(runs), facts))
+        return
     done = {
         (r["dataset"], int(r["B"]), int(r["batch"]), r["attack"]) for r in _bench.read_rows(runs)
     }
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, size, k, label in todo:
-        row = run_one(cfg, data, name, size, k, label)
+        row = _bench.stamp(run_one(cfg, data, name, size, k, label), facts["commit"])
         _bench.append_row(runs, row, RUN_FIELDS)
         print(
             f"{name} B={size} batch {k} {label}: R-1 {100 * row['rouge1_lamp']:.1f} (clean "

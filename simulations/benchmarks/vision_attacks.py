@@ -38,7 +38,6 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 
 import _bench  # first: keeps Flower offline (imported by nothing here, but harmless)
@@ -80,6 +79,7 @@ RUN_FIELDS = [
     "seconds",
     "iterations",
     "it_per_s",
+    *_bench.STAMP,
 ]
 SUMMARY_FIELDS = [
     "attack",
@@ -310,7 +310,7 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
                 ]
                 if not cell:
                     continue
-                values = {f: [float(r[f]) for r in cell] for f in RUN_FIELDS[6:]}
+                values = {f: [float(r[f]) for r in cell] for f in RUN_FIELDS[6:16]}
                 out.append(
                     {
                         "attack": name,
@@ -333,7 +333,7 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
 
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    page = markdown(cfg, summary, facts)
+    page = markdown(cfg, summary, {**facts, "provenance": _bench.provenance(rows)})
     return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
@@ -351,10 +351,9 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
     lines = [
         "# Vision attacks on CIFAR-10",
         "",
-        f"Machine: {os.cpu_count()} cores (load average {facts['load']} at the start, "
-        f"{_bench.load_average()} now), torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads), {facts['commit']}, "
-        f"{facts['started']}; last row {datetime.now().isoformat(timespec='seconds')}.",
+        f"Machine: {os.cpu_count()} cores (load average {facts['load']} at the start of the "
+        f"last run, {_bench.load_average()} now), torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads); {facts['provenance']}.",
         "",
         f"Data: {facts['images']}; model: {cfg['model']} (untrained, and trained "
         f"{cfg['training']['epochs']} epoch(s) of SGD on {facts['pool']}); one FedSGD step "
@@ -462,6 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, help="ConvNet width")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--report", action="store_true", help="only rewrite the tables from the rows in --out"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = settings(args)
@@ -472,18 +474,23 @@ def main(argv: list[str] | None = None) -> None:
     facts = {
         "load": _bench.load_average(),
         "commit": _bench.commit(),
-        "started": datetime.now().isoformat(timespec="seconds"),
         "images": f"CIFAR-10 test images ({chosen}) from {cfg['data_root']}",
         "pool": pool_text,
         "breaching": breaching_row(),
     }
-    models = base_models(cfg, pool, out)
     runs = out / RUNS
+    if args.report:  # e.g. after concatenating the runs files of parallel runs
+        print(write_tables(out, cfg, _bench.read_rows(runs), facts))
+        grid(out, cfg)
+        return
+    models = base_models(cfg, pool, out)
     done = {(r["attack"], r["state"], int(r["B"]), int(r["batch"])) for r in _bench.read_rows(runs)}
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, state, size, k in todo:
-        row = run_one(cfg, name, state, size, k, models[state], images, out)
+        row = _bench.stamp(
+            run_one(cfg, name, state, size, k, models[state], images, out), facts["commit"]
+        )
         _bench.append_row(runs, row, RUN_FIELDS)
         print(
             f"{name} {state} B={size} batch {k}: psnr {row['psnr']:.2f} ssim {row['ssim']:.3f} "
