@@ -174,3 +174,20 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     assert read(tmp_path / "text_attacks_runs.csv") == runs
     report = run("text_attacks.py", tmp_path, "--data-root", str(data_root), "--report")
     assert "to run" not in report.stdout and "; rows finished 20" in report.stdout
+
+
+def test_vision_ablation_config_extends_the_benchmark(tmp_path, data_root):
+    done = run(
+        "vision_attacks.py", tmp_path, "--config", str(BENCHMARKS / "vision_ablation.toml"),
+        "--data-root", str(data_root), "--report",
+    )  # fmt: skip
+    attacks = done.stdout.split("Attacks: ", 1)[1].split("\n", 1)[0]
+    names = [part.split("`")[1] for part in attacks.split("; ")]
+    assert names == [
+        "inverting_gradients",
+        "feature_reconstruction_prior",
+        "feature_reconstruction_pixels",
+        "feature_reconstruction",
+    ]
+    assert '"prior": "none"' in attacks and '"features": "none"' in attacks  # its own rows
+    assert "model: {'name': 'convnet'" in done.stdout  # the base's model

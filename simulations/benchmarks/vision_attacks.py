@@ -107,10 +107,17 @@ QUICK = {
 
 
 # -- settings -------------------------------------------------------------------------------
+def load_config(path: Path) -> dict:
+    """A TOML file; ``base = "other.toml"`` (beside it) supplies what the file does not set."""
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    base = cfg.pop("base", None)
+    return _merge(load_config(path.parent / base), cfg) if base else cfg
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The TOML file, then --quick, then explicit options: the resolved settings."""
-    with open(args.config, "rb") as f:
-        cfg = tomllib.load(f)
+    cfg = load_config(args.config)
     if args.quick:
         cfg = _merge(cfg, QUICK)
     for key in ("images", "indices", "batch_sizes", "batches", "steps", "states", "seed"):
@@ -119,14 +126,15 @@ def settings(args: argparse.Namespace) -> dict:
             cfg[key] = value
     if args.width is not None:
         cfg["model"]["width"] = args.width
-    if args.attacks:
-        unknown = [a for a in args.attacks if a not in cfg["attacks"]]
+    rows = args.attacks or cfg.pop("rows", None)  # the [attacks] rows to run (default: all)
+    if rows:
+        unknown = [a for a in rows if a not in cfg["attacks"]]
         if unknown:
             raise SystemExit(
-                f"vision_attacks: --attacks {unknown} not in {args.config}; "
+                f"vision_attacks: attack rows {unknown} not in {args.config}; "
                 f"it defines {', '.join(cfg['attacks'])}"
             )
-        cfg["attacks"] = {k: v for k, v in cfg["attacks"].items() if k in args.attacks}
+        cfg["attacks"] = {k: cfg["attacks"][k] for k in rows}
     root = Path(args.data_root or cfg["data_root"]).expanduser()
     cfg["data_root"] = str(root if root.is_absolute() else (_bench.REPO / root).resolve())
     if cfg["batches"] < 1 or cfg["steps"] < 1 or not cfg["batch_sizes"]:
