@@ -132,6 +132,13 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
         writer.writerows(rows)
     report = run("vision_attacks.py", tmp_path / "b1", *options, "--report")
     assert "to run" not in report.stdout and "rows not stamped" in report.stdout
+    # ... but not of rows run at another budget than the page would state
+    script = [sys.executable, str(BENCHMARKS / "vision_attacks.py"), "--quick", "--report"]
+    refused = subprocess.run(
+        [*script, "--out", str(tmp_path), "--data-root", str(data_root), "--steps", "5"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "run at [4] steps, not 5" in refused.stderr
     run("vision_attacks.py", tmp_path / "b1", *options, "--batches", "2")
     grown = read(older)
     assert len(grown) == 2 * len(rows) and list(grown[0]) == list(rows[0])

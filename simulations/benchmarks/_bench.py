@@ -104,6 +104,16 @@ def provenance(rows: list[dict]) -> str:
     return text
 
 
+def check_budget(budgets: list[float], steps: int, runs: Path) -> None:
+    """Refuse to describe rows run at another budget than ``steps`` (0: no budget, e.g. a
+    closed-form attack): the page states the budget from the settings, not from the rows."""
+    other = sorted({int(b) for b in budgets if b and int(b) != steps})
+    if other:
+        raise SystemExit(
+            f"{runs} holds rows run at {other} steps, not {steps}; pass --steps to match them"
+        )
+
+
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Write a whole table atomically."""
     buffer = io.StringIO()

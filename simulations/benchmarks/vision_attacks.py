@@ -488,7 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     runs = out / RUNS
     if args.report:  # e.g. after concatenating the runs files of parallel runs
-        print(write_tables(out, cfg, _bench.read_rows(runs), facts))
+        rows = _bench.read_rows(runs)
+        _bench.check_budget([float(r["iterations"]) for r in rows], cfg["steps"], runs)
+        print(write_tables(out, cfg, rows, facts))
         grid(out, cfg)
         return
     models = base_models(cfg, pool, out)
