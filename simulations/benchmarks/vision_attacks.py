@@ -22,7 +22,9 @@ interrupted run resumes):
     .venv/bin/python simulations/benchmarks/vision_attacks.py --steps 500 --batch-sizes 1 2 \\
         --attacks inverting_gradients feature_reconstruction --out /tmp/va --data-root DIR
 
-Settings come from ``vision_attacks.toml`` (``--config``); options given here override it.
+Settings come from ``vision_attacks.toml`` (``--config``; a config may extend another with
+``base`` and name the ``rows`` to run, as ``vision_ablation.toml`` does); options given here
+override it.  ``--report`` only rewrites the tables from the rows in ``--out``.
 """
 
 from __future__ import annotations
