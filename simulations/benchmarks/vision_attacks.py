@@ -50,7 +50,7 @@ from torch import nn
 
 from fedleak import metrics, seeding
 from fedleak.attacks import ATTACKS
-from fedleak.core import Batch, ServerView
+from fedleak.core import Batch, Reconstruction, ServerView
 from fedleak.data import _sources, cifar10
 from fedleak.metrics.image import lpips_available, match
 from fedleak.models import MODELS
@@ -390,8 +390,30 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
             f"| {_bench.cell(r['label_acc'], 2)} | {_bench.cell(r['feature_cos'], 3)} | {lpips} "
             f"| {r['seconds']:.1f} | {_bench.cell(r['it_per_s'], 2)} |"
         )
-    lines += ["", f"breaching side by side: {facts['breaching']}", ""]
+    lines += ["", facts["reference"], "", f"breaching side by side: {facts['breaching']}", ""]
     return "\n".join(lines)
+
+
+def reference(cfg: dict, images: Batch) -> str:
+    """What an attack that reads nothing scores: the dataset-mean colour as every image."""
+    psnr, ssim = [], []
+    for size in cfg["batch_sizes"]:
+        cell = []
+        for k in range(cfg["batches"]):
+            batch = Batch(
+                images.inputs[k * size : (k + 1) * size], images.labels[k * size :][:size]
+            )
+            # model input 0 is the normalisation mean: the mean colour of the data set
+            guess = Reconstruction(inputs=torch.zeros_like(batch.inputs), labels=batch.labels)
+            cell.append(metrics.score(guess, batch, TASK))
+        psnr.append(f"{_bench.finite_mean([s['psnr'] for s in cell]):.2f}")
+        ssim.append(f"{_bench.finite_mean([s['ssim'] for s in cell]):.3f}")
+    sizes = " / ".join(str(b) for b in cfg["batch_sizes"])
+    return (
+        f"Reference, no attack: the data set's mean colour as every reconstruction scores PSNR "
+        f"{' / '.join(psnr)} and SSIM {' / '.join(ssim)} on the same batches at B = {sizes}; "
+        "a mean PSNR at or below it says the attack recovered nothing beyond the mean colour."
+    )
 
 
 def grid(out: Path, cfg: dict) -> Path | None:
@@ -487,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         "images": f"CIFAR-10 test images ({chosen}) from {cfg['data_root']}",
         "pool": pool_text,
         "breaching": breaching_row(),
+        "reference": reference(cfg, images),
     }
     runs = out / RUNS
     if args.report:  # e.g. after concatenating the runs files of parallel runs
