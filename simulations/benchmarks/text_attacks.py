@@ -54,7 +54,7 @@ from torch import nn
 
 from fedleak import hf, metrics, seeding
 from fedleak.attacks import ATTACKS
-from fedleak.core import Batch, ServerView, Task
+from fedleak.core import Batch, Reconstruction, ServerView, Task
 from fedleak.data import text as text_data
 from fedleak.models import MODELS
 from fedleak.modifiers import MODIFIERS
@@ -360,8 +360,39 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
             + f"| {_bench.cell(r['token_acc'], 3)} | {_bench.cell(r['feature_cos'], 3)} "
             f"| {r['seconds']:.1f} | {published(r['dataset'], r['attack'], r['B'])} |"
         )
-    lines += ["", *verdict(summary, cfg), ""]
+    lines += ["", *verdict(summary, cfg), "", facts["reference"], ""]
     return "\n".join(lines)
+
+
+def reference(cfg: dict, data: dict) -> str:
+    """What the bag of tokens alone scores: every word position a draw from the batch's bag."""
+    task = data["task"]
+    tok = hf.tokenizer(task.tokenizer)
+    specials = torch.tensor([tok.pad_token_id, tok.cls_token_id, tok.sep_token_id])
+    parts = []
+    for name in cfg["datasets"]:
+        sentences, labels, _ = data[name]
+        rng = seeding.rng(cfg["seed"], "reference", name)
+        cells = []
+        for size in cfg["batch_sizes"]:
+            scores = []
+            for k in range(cfg["batches"]):
+                picked = list(range(k * size, (k + 1) * size))
+                batch = encode([sentences[i] for i in picked], labels[picked], task)
+                words = ~torch.isin(batch.inputs, specials)
+                bag = batch.inputs[words].unique()
+                guess = batch.inputs.clone()
+                guess[words] = bag[torch.randint(len(bag), (int(words.sum()),), generator=rng)]
+                found = Reconstruction(inputs=guess, labels=batch.labels)
+                scores.append(metrics.score(found, batch, task)["rouge1_lamp"])
+            cells.append(f"{100 * _bench.finite_mean(scores):.1f}")
+        parts.append(f"{name} {' / '.join(cells)}")
+    sizes = " / ".join(str(b) for b in cfg["batch_sizes"])
+    return (
+        "Reference, no attack beyond the bag: every word position a uniform draw from the "
+        "batch's bag of tokens (which every attack here reads off the update), lengths known, "
+        f"scores R-1 (lamp) {'; '.join(parts)} at B = {sizes}, on the same batches."
+    )
 
 
 def published(dataset: str, attack: str, size: int) -> str:
@@ -545,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         "load": _bench.load_average(),
         "commit": _bench.commit(),
         "data": {name: data[name][2] for name in cfg["datasets"]},
+        "reference": reference(cfg, data),
     }
     runs = out / RUNS
     if args.report:  # e.g. after concatenating the runs files of parallel runs
