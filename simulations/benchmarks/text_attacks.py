@@ -372,9 +372,9 @@ def reference(cfg: dict, data: dict) -> str:
     parts = []
     for name in cfg["datasets"]:
         sentences, labels, _ = data[name]
-        rng = seeding.rng(cfg["seed"], "reference", name)
         cells = []
         for size in cfg["batch_sizes"]:
+            rng = seeding.rng(cfg["seed"], "reference", name, size)  # whatever else runs
             scores = []
             for k in range(cfg["batches"]):
                 picked = list(range(k * size, (k + 1) * size))
