@@ -334,7 +334,8 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
         "",
         f"Model: `{cfg['model']}`; one FedSGD step per batch; sentences truncated to "
         f"{cfg['max_len']} tokens; selection `{cfg['select']}` (seed {cfg['select_seed']}), batch "
-        f"k of size B = selected sentences kB..kB+B-1, {cfg['batches']} batches per cell; "
+        f"k of size B = selected sentences kB..kB+B-1, up to {cfg['batches']} batches per cell "
+        "(column `batches`: how many ran); "
         f"{cfg['steps']} continuous steps for every attack; labels and lengths "
         f"{known}; "
         f"n-gram prior on `{cfg['prior_corpus']}`. Attacks: {attacks}; extra options "
