@@ -400,9 +400,8 @@ def reference(cfg: dict, images: Batch) -> str:
     for size in cfg["batch_sizes"]:
         cell = []
         for k in range(cfg["batches"]):
-            batch = Batch(
-                images.inputs[k * size : (k + 1) * size], images.labels[k * size :][:size]
-            )
+            picked = slice(k * size, (k + 1) * size)
+            batch = Batch(images.inputs[picked], images.labels[picked])
             # model input 0 is the normalisation mean: the mean colour of the data set
             guess = Reconstruction(inputs=torch.zeros_like(batch.inputs), labels=batch.labels)
             cell.append(metrics.score(guess, batch, TASK))
