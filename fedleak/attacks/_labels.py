@@ -54,21 +54,28 @@ def recover(view: ServerView, count: int, strategy: str = "bias_corrected") -> T
             "use 'idlg', 'yin' or 'llg'"
         )
     if strategy == "idlg":
-        labels = weight.sum(1).argsort()[:count]
+        labels = _first(weight.sum(1).argsort(), count)
     elif strategy == "yin":
-        labels = weight.min(1).values.argsort()[:count]
+        labels = _first(weight.min(1).values.argsort(), count)
     elif strategy == "analytic":
         b = bias.detach().double()
         negative = (b < 0).nonzero().flatten()
         labels = negative[b[negative].argsort()][:count]
         if len(labels) < count:  # fewer distinct classes than examples: repeat the strongest
-            extra = b.argsort()[: count - len(labels)]
-            labels = torch.cat([labels, extra])
+            labels = torch.cat([labels, _first(b.argsort(), count - len(labels))])
     elif strategy == "llg":
         labels = _two_stage(weight.sum(1), count, impact_scale=1 + 1 / weight.shape[0])
     else:
         labels = _two_stage(bias.detach().double(), count, impact_scale=1.0)
     return labels.long().sort().values
+
+
+def _first(ranking: Tensor, count: int) -> Tensor:
+    """The first ``count`` classes of ``ranking``, starting over past its end.
+
+    A batch may hold more examples than there are classes; then some classes repeat.
+    """
+    return ranking[torch.arange(count) % len(ranking)]
 
 
 def _two_stage(scores: Tensor, count: int, impact_scale: float) -> Tensor:

@@ -41,6 +41,15 @@ def test_two_stage_rules_count_repeated_labels(strategy):
         assert _labels.recover(_view(labels, seed=seed), 6, strategy).tolist() == labels
 
 
+@pytest.mark.parametrize("strategy", _labels.STRATEGIES)
+def test_more_examples_than_classes_get_a_label_each(strategy):
+    # 16 examples, 10 classes (CIFAR-10 at B = 16): idlg and yin once returned only 10 labels
+    labels = [i % 10 for i in range(16)]
+    recovered = _labels.recover(_view(labels), len(labels), strategy)
+    assert len(recovered) == 16 and set(recovered.tolist()) <= set(range(10))
+    assert recovered.tolist() == sorted(recovered.tolist())
+
+
 def test_bias_strategies_need_a_bias():
     view = _view([3], bias=False)
     with pytest.raises(ValueError, match="has no bias; use 'idlg', 'yin' or 'llg'"):
