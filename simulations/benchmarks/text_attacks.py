@@ -392,7 +392,8 @@ def reference(cfg: dict, data: dict) -> str:
     return (
         "Reference, no attack beyond the bag: every word position a uniform draw from the "
         "batch's bag of tokens (which every attack here reads off the update), lengths known, "
-        f"scores R-1 (lamp) {'; '.join(parts)} at B = {sizes}, on the same batches."
+        f"scores R-1 (lamp) {'; '.join(parts)} at B = {sizes}, over each cell's first "
+        f"{cfg['batches']} batches (the table's cells may hold fewer)."
     )
 
 

@@ -410,8 +410,9 @@ def reference(cfg: dict, images: Batch) -> str:
     sizes = " / ".join(str(b) for b in cfg["batch_sizes"])
     return (
         f"Reference, no attack: the data set's mean colour as every reconstruction scores PSNR "
-        f"{' / '.join(psnr)} and SSIM {' / '.join(ssim)} on the same batches at B = {sizes}; "
-        "a mean PSNR at or below it says the attack recovered nothing beyond the mean colour."
+        f"{' / '.join(psnr)} and SSIM {' / '.join(ssim)} at B = {sizes}, over each cell's first "
+        f"{cfg['batches']} batches (the table's cells may hold fewer); a mean PSNR at or below it "
+        "says the attack recovered nothing beyond the mean colour."
     )
 
 
