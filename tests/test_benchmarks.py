@@ -147,6 +147,17 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
     assert [bool(r["finished"]) for r in grown] == [False] * len(rows) + [True] * len(rows)
     page = (tmp_path / "b1" / "vision_attacks.md").read_text()
     assert f"({len(rows)} earlier rows unstamped)" in page
+    # a parallel run's rows merge in once: those b1 lacks (batch 2), not its copies of b1's
+    run("vision_attacks.py", tmp_path / "b3", *options, "--batches", "3")
+    for added in (len(rows), 0):  # merging the same folder again adds nothing
+        merged = run(
+            "vision_attacks.py", tmp_path / "b1", *options, "--merge", str(tmp_path / "b3")
+        )
+        assert f"merged {added} rows into" in merged.stdout and "to run" not in merged.stdout
+    whole = read(older)
+    assert [int(r["batch"]) for r in whole] == [0] * len(rows) + [1] * len(rows) + [2] * len(rows)
+    assert whole[: 2 * len(rows)] == grown  # the rows b1 held keep their place and values
+    assert "| imprint | untrained | 1 | 3 |" in (tmp_path / "b1" / "vision_attacks.md").read_text()
     # a rerun finds every row done, runs nothing and keeps the rows
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
@@ -184,6 +195,13 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     assert read(tmp_path / "text_attacks_runs.csv") == runs
     report = run("text_attacks.py", tmp_path, "--data-root", str(data_root), "--report")
     assert "to run" not in report.stdout and "; rows finished 20" in report.stdout
+    # merged into an empty folder, the rows make the same page
+    merged = run(
+        "text_attacks.py", tmp_path / "m", "--data-root", str(data_root), "--merge", str(tmp_path)
+    )
+    assert f"merged {len(runs)} rows into" in merged.stdout
+    assert read(tmp_path / "m" / "text_attacks_runs.csv") == runs
+    assert read(tmp_path / "m" / "text_attacks.csv") == summary
 
 
 def test_vision_ablation_config_extends_the_benchmark(tmp_path, data_root):

@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -77,6 +78,30 @@ def append_row(path: Path, row: dict, fields: list[str]) -> None:
         if new:
             writer.writeheader()
         writer.writerow({k: fmt(row[k]) for k in fields})
+
+
+def merge_rows(
+    path: Path, others: list[Path], key: Callable[[dict], tuple], fields: list[str]
+) -> int:
+    """Add to the runs file ``path`` the rows of the same-named files in the folders ``others``
+    (the outputs of parallel runs) whose ``key`` it does not hold yet; return how many.
+
+    The rows ``path`` holds keep their place and the first copy of a key wins, so merging the
+    same folder twice, or folders that all started from one committed file, adds nothing twice.
+    """
+    rows = read_rows(path)
+    seen = {key(r) for r in rows}
+    added = []
+    for folder in others:
+        source = folder / path.name
+        if not source.is_file():
+            raise SystemExit(f"--merge {folder}: no {path.name} there")
+        for row in read_rows(source):
+            if key(row) not in seen:
+                seen.add(key(row))
+                added.append(row)
+    write_csv(path, [{f: r.get(f) or "" for f in fields} for r in rows + added], fields)
+    return len(added)
 
 
 STAMP = ["commit", "finished"]  # the last columns of every runs file: each row's provenance

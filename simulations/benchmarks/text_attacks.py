@@ -539,6 +539,11 @@ def timing_page(cfg: dict, rows: list[dict], out: Path) -> str:
     return page
 
 
+def key(row: dict) -> tuple:
+    """What a runs row measured: (dataset, B, batch, attack), as :func:`cells` lists them."""
+    return row["dataset"], int(row["B"]), int(row["batch"]), row["attack"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -561,6 +566,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report", action="store_true", help="only rewrite the tables from the rows in --out"
     )
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="DIR",
+        help="add the rows of parallel runs' --out folders that --out lacks, then --report",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -581,14 +590,15 @@ def main(argv: list[str] | None = None) -> None:
         "reference": reference(cfg, data),
     }
     runs = out / RUNS
-    if args.report:  # e.g. after concatenating the runs files of parallel runs
+    if args.merge:
+        added = _bench.merge_rows(runs, args.merge, key, RUN_FIELDS)
+        print(f"merged {added} rows into {runs}", flush=True)
+    if args.report or args.merge:
         rows = _bench.read_rows(runs)
         _bench.check_budget([float(r["steps"]) for r in rows], cfg["steps"], runs)
         print(write_tables(out, cfg, rows, facts))
         return
-    done = {
-        (r["dataset"], int(r["B"]), int(r["batch"]), r["attack"]) for r in _bench.read_rows(runs)
-    }
+    done = {key(r) for r in _bench.read_rows(runs)}
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, size, k, label in todo:

@@ -477,6 +477,11 @@ def breaching_row() -> str:
     return "breaching imports here, but its side-by-side row is not implemented yet."
 
 
+def key(row: dict) -> tuple:
+    """What a runs row measured: (attack, state, B, batch), as :func:`cells` lists them."""
+    return row["attack"], row["state"], int(row["B"]), int(row["batch"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -496,6 +501,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report", action="store_true", help="only rewrite the tables from the rows in --out"
     )
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="DIR",
+        help="add the rows of parallel runs' --out folders that --out lacks, then --report",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = settings(args)
@@ -512,14 +521,17 @@ def main(argv: list[str] | None = None) -> None:
         "reference": reference(cfg, images),
     }
     runs = out / RUNS
-    if args.report:  # e.g. after concatenating the runs files of parallel runs
+    if args.merge:
+        added = _bench.merge_rows(runs, args.merge, key, RUN_FIELDS)
+        print(f"merged {added} rows into {runs}", flush=True)
+    if args.report or args.merge:
         rows = _bench.read_rows(runs)
         _bench.check_budget([float(r["iterations"]) for r in rows], cfg["steps"], runs)
         print(write_tables(out, cfg, rows, facts))
         grid(out, cfg)
         return
     models = base_models(cfg, pool, out)
-    done = {(r["attack"], r["state"], int(r["B"]), int(r["batch"])) for r in _bench.read_rows(runs)}
+    done = {key(r) for r in _bench.read_rows(runs)}
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, state, size, k in todo:
