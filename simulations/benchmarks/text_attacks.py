@@ -406,17 +406,27 @@ def published(dataset: str, attack: str, size: int) -> str:
 
 
 def verdict(summary: list[dict], cfg: dict) -> list[str]:
-    """The issue's criterion: Pooler vs LAMP (R-1, mean over B = 2 and 4) and LAMP vs TAG."""
+    """The issue's criterion: Pooler vs LAMP (R-1, mean over B = 2 and 4) and LAMP vs TAG, per
+    data set and over all of them, on the cells that hold LAMP rows (named, with their batches)."""
+    names = list(cfg["datasets"])
     lines = []
-    for name in cfg["datasets"]:
+    for scope in [*names, "all"] if len(names) > 1 else names:
+        datasets = names if scope == "all" else [scope]
+        cells = {
+            (r["dataset"], r["B"], r["attack"]): r
+            for r in summary
+            if r["dataset"] in datasets and r["B"] in (2, 4)
+        }
+        where = [(d, b) for d in datasets for b in (2, 4) if (d, b, "LAMP") in cells]
+        if not where:
+            lines.append(f"- {scope}: no LAMP rows at B = 2 or 4 yet.")
+            continue
 
-        def r1(attack: str, name: str = name) -> float:
-            cell = [
-                r["rouge1_lamp"]
-                for r in summary
-                if (r["dataset"], r["attack"]) == (name, attack) and r["B"] in (2, 4)
+        def r1(attack: str, where: list = where, cells: dict = cells) -> float:
+            found = [
+                cells[(d, b, attack)]["rouge1_lamp"] for d, b in where if (d, b, attack) in cells
             ]
-            return 100 * _bench.finite_mean(cell) if cell else math.nan
+            return 100 * _bench.finite_mean(found) if found else math.nan
 
         lamp, tag = r1("LAMP"), r1("TAG")
         gains = ", ".join(
@@ -424,12 +434,21 @@ def verdict(summary: list[dict], cfg: dict) -> list[str]:
             for a in cfg["attacks"]
             if a["label"].startswith("Pooler")
         )
+        prefix = "{} " if scope == "all" else ""  # name the data set when there are several
+        over = "; ".join(
+            f"{prefix.format(d)}B = {b} ({_batches(cells[(d, b, 'LAMP')]['batches'])})"
+            for d, b in where
+        )
         lines.append(
-            f"- {name}, R-1 (lamp) mean over B = 2, 4: LAMP {_bench.cell(lamp, 1)}, TAG "
-            f"{_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}); pooler attacks vs LAMP: "
-            f"{gains} (target: >= +5)."
+            f"- {'all data sets' if scope == 'all' else scope}, R-1 (lamp) mean over {over}: LAMP "
+            f"{_bench.cell(lamp, 1)}, TAG {_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}); "
+            f"pooler attacks vs LAMP: {gains} (target: >= +5)."
         )
     return lines
+
+
+def _batches(n: int) -> str:
+    return "1 batch" if n == 1 else f"{n} batches"
 
 
 # -- timing ---------------------------------------------------------------------------------
