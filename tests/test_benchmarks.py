@@ -115,6 +115,9 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
     assert len(table) == len(summary) and all(r[10] == "not computed" for r in table)
     assert "; rows finished 20" in page and " at commit " in page
     assert "breaching side by side:" in page
+    assert "- inverting_gradients at B = 1, untrained: " in page and "(target >= 25 dB: " in page
+    gap = "- feature_reconstruction - inverting_gradients, mean PSNR, trained: B = 2: "
+    assert gap in page and "(partial)" not in page  # --quick asks for one batch per cell
     mean_colour = page.split("Reference, no attack: ", 1)[1].split("\n", 1)[0]
     assert "scores PSNR " in mean_colour and "at B = 1 / 2" in mean_colour
     assert (tmp_path / "vision_attacks_grid.png").stat().st_size > 0

@@ -390,8 +390,44 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
             f"| {_bench.cell(r['label_acc'], 2)} | {_bench.cell(r['feature_cos'], 3)} | {lpips} "
             f"| {r['seconds']:.1f} | {_bench.cell(r['it_per_s'], 2)} |"
         )
-    lines += ["", facts["reference"], "", f"breaching side by side: {facts['breaching']}", ""]
+    lines += ["", *verdict(summary, cfg), "", facts["reference"], ""]
+    lines += [f"breaching side by side: {facts['breaching']}", ""]
     return "\n".join(lines)
+
+
+def verdict(summary: list[dict], cfg: dict) -> list[str]:
+    """The issue's criteria: Inverting Gradients >= 25 dB at B = 1 on the untrained ConvNet, and
+    the feature attack >= 2 dB mean PSNR above it at every B >= 2; cells with fewer batches than
+    the settings ask for are marked partial."""
+    cells = {(r["attack"], r["state"], r["B"]): r for r in summary}
+
+    def partial(*rows: dict) -> str:
+        return " (partial)" if any(r["batches"] < cfg["batches"] for r in rows) else ""
+
+    lines = []
+    ig = cells.get(("inverting_gradients", "untrained", 1))
+    if ig:
+        lines.append(
+            f"- inverting_gradients at B = 1, untrained: {ig['psnr_mean']:.2f} dB mean PSNR "
+            f"(target >= 25 dB: {ig['psnr_mean'] - 25:+.2f}){partial(ig)}."
+        )
+    for name in ("feature_reconstruction", "feature_reconstruction_honest"):
+        for state in cfg["states"]:
+            gaps = []
+            for b in (b for b in cfg["batch_sizes"] if b >= 2):
+                ours, base = (
+                    cells.get((name, state, b)),
+                    cells.get(("inverting_gradients", state, b)),
+                )
+                if ours and base:
+                    gap = ours["psnr_mean"] - base["psnr_mean"]
+                    gaps.append(f"B = {b}: {gap:+.2f}{partial(ours, base)}")
+            if gaps:
+                lines.append(
+                    f"- {name} - inverting_gradients, mean PSNR, {state}: {', '.join(gaps)} dB "
+                    "(target: >= +2 dB at every B >= 2)."
+                )
+    return lines
 
 
 def reference(cfg: dict, images: Batch) -> str:
