@@ -192,6 +192,7 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     page = (tmp_path / "text_attacks.md").read_text()
     assert "| cola | LAMP | 1 | 1 |" in page and "84.8 / 46.2 / 73.1" in page  # published
     assert "cola, R-1 (lamp) mean over B = 2 (1 batch): LAMP " in page  # B = 4 not run
+    assert "(LAMP - TAG " in page and " ± " not in page  # no standard error from one batch
     assert "Reference, no attack beyond the bag: " in page and "scores R-1 (lamp) cola " in page
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout

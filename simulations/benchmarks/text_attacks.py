@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import math
 import os
+import statistics
 import sys
 import time
 import tomllib
@@ -312,11 +313,11 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
 
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    page = markdown(cfg, summary, {**facts, "provenance": _bench.provenance(rows)})
+    page = markdown(cfg, summary, rows, {**facts, "provenance": _bench.provenance(rows)})
     return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
-def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
+def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> str:
     attacks = "; ".join(
         f"{a['label']} = `{a['attack']}`"
         + (f" + modifier `{a['modifier']}`" if "modifier" in a else "")
@@ -361,7 +362,7 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
             + f"| {_bench.cell(r['token_acc'], 3)} | {_bench.cell(r['feature_cos'], 3)} "
             f"| {r['seconds']:.1f} | {published(r['dataset'], r['attack'], r['B'])} |"
         )
-    lines += ["", *verdict(summary, cfg), "", facts["reference"], ""]
+    lines += ["", *verdict(summary, rows, cfg), "", facts["reference"], ""]
     return "\n".join(lines)
 
 
@@ -405,9 +406,13 @@ def published(dataset: str, attack: str, size: int) -> str:
     return " / ".join(f"{row[i]:.1f}" for row in table)
 
 
-def verdict(summary: list[dict], cfg: dict) -> list[str]:
+def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
     """The issue's criterion: Pooler vs LAMP (R-1, mean over B = 2 and 4) and LAMP vs TAG, per
-    data set and over all of them, on the cells that hold LAMP rows (named, with their batches)."""
+    data set and over all of them, on the cells that hold LAMP rows (named, with their batches).
+
+    Each difference carries the standard error of the per-batch paired difference (the same
+    sentences attacked both ways), since batches differ far more than attacks do."""
+    r1_of = {key(r): 100 * float(r["rouge1_lamp"]) for r in rows}
     names = list(cfg["datasets"])
     lines = []
     for scope in [*names, "all"] if len(names) > 1 else names:
@@ -428,9 +433,17 @@ def verdict(summary: list[dict], cfg: dict) -> list[str]:
             ]
             return 100 * _bench.finite_mean(found) if found else math.nan
 
+        def se(attack: str, than: str = "LAMP", where: list = where) -> str:
+            diffs = [
+                r1_of[(d, b, k, attack)] - value
+                for (d, b, k, label), value in r1_of.items()
+                if label == than and (d, b) in where and (d, b, k, attack) in r1_of
+            ]
+            return f" ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.1f}" if diffs[1:] else ""
+
         lamp, tag = r1("LAMP"), r1("TAG")
         gains = ", ".join(
-            f"{a['label']} {r1(a['label']) - lamp:+.1f}"
+            f"{a['label']} {r1(a['label']) - lamp:+.1f}{se(a['label'])}"
             for a in cfg["attacks"]
             if a["label"].startswith("Pooler")
         )
@@ -441,9 +454,14 @@ def verdict(summary: list[dict], cfg: dict) -> list[str]:
         )
         lines.append(
             f"- {'all data sets' if scope == 'all' else scope}, R-1 (lamp) mean over {over}: LAMP "
-            f"{_bench.cell(lamp, 1)}, TAG {_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}); "
+            f"{_bench.cell(lamp, 1)}, TAG {_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}"
+            f"{se('LAMP', 'TAG')}); "
             f"pooler attacks vs LAMP: {gains} (target: >= +5)."
         )
+    lines.append(
+        "(± the standard error of the per-batch paired difference: the same sentences attacked "
+        "both ways.)"
+    )
     return lines
 
 
