@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import tomllib
@@ -343,11 +344,11 @@ def summarise(rows: list[dict], cfg: dict) -> list[dict]:
 
 def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
     summary = summarise(rows, cfg)
-    page = markdown(cfg, summary, {**facts, "provenance": _bench.provenance(rows)})
+    page = markdown(cfg, summary, rows, {**facts, "provenance": _bench.provenance(rows)})
     return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
-def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
+def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> str:
     lpips_note = (
         "LPIPS (AlexNet) computed."
         if lpips_available()
@@ -390,16 +391,27 @@ def markdown(cfg: dict, summary: list[dict], facts: dict) -> str:
             f"| {_bench.cell(r['label_acc'], 2)} | {_bench.cell(r['feature_cos'], 3)} | {lpips} "
             f"| {r['seconds']:.1f} | {_bench.cell(r['it_per_s'], 2)} |"
         )
-    lines += ["", *verdict(summary, cfg), "", facts["reference"], ""]
+    lines += ["", *verdict(summary, rows, cfg), "", facts["reference"], ""]
     lines += [f"breaching side by side: {facts['breaching']}", ""]
     return "\n".join(lines)
 
 
-def verdict(summary: list[dict], cfg: dict) -> list[str]:
+def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
     """The issue's criteria: Inverting Gradients >= 25 dB at B = 1 on the untrained ConvNet, and
     the feature attack >= 2 dB mean PSNR above it at every B >= 2; cells with fewer batches than
-    the settings ask for are marked partial."""
+    the settings ask for are marked partial.  Each difference carries the standard error of the
+    per-batch paired difference (the same images attacked both ways)."""
     cells = {(r["attack"], r["state"], r["B"]): r for r in summary}
+    psnr = {key(r): float(r["psnr"]) for r in rows}
+
+    def se(name: str, state: str, size: int) -> str:
+        batches = [k for (a, s, b, k) in psnr if (a, s, b) == (name, state, size)]
+        diffs = [
+            psnr[(name, state, size, k)] - psnr[("inverting_gradients", state, size, k)]
+            for k in batches
+            if ("inverting_gradients", state, size, k) in psnr
+        ]
+        return f" ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}" if diffs[1:] else ""
 
     def partial(*rows: dict) -> str:
         return " (partial)" if any(r["batches"] < cfg["batches"] for r in rows) else ""
@@ -415,18 +427,21 @@ def verdict(summary: list[dict], cfg: dict) -> list[str]:
         for state in cfg["states"]:
             gaps = []
             for b in (b for b in cfg["batch_sizes"] if b >= 2):
-                ours, base = (
-                    cells.get((name, state, b)),
-                    cells.get(("inverting_gradients", state, b)),
-                )
+                ours = cells.get((name, state, b))
+                base = cells.get(("inverting_gradients", state, b))
                 if ours and base:
                     gap = ours["psnr_mean"] - base["psnr_mean"]
-                    gaps.append(f"B = {b}: {gap:+.2f}{partial(ours, base)}")
+                    gaps.append(f"B = {b}: {gap:+.2f}{se(name, state, b)}{partial(ours, base)}")
             if gaps:
                 lines.append(
                     f"- {name} - inverting_gradients, mean PSNR, {state}: {', '.join(gaps)} dB "
                     "(target: >= +2 dB at every B >= 2)."
                 )
+    if len(lines) > 1:
+        lines.append(
+            "(± the standard error of the per-batch paired difference: the same images attacked "
+            "both ways.)"
+        )
     return lines
 
 
