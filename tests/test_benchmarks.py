@@ -206,6 +206,18 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     assert f"merged {len(runs)} rows into" in merged.stdout
     assert read(tmp_path / "m" / "text_attacks_runs.csv") == runs
     assert read(tmp_path / "m" / "text_attacks.csv") == summary
+    # a folder without a runs file is refused by name, before anything is written
+    script = [sys.executable, str(BENCHMARKS / "text_attacks.py"), "--quick"]
+    options = ["--merge", str(tmp_path / "none"), "--out", str(tmp_path / "m2")]
+    refused = subprocess.run(
+        [*script, *options, "--data-root", str(data_root)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert (
+        refused.returncode != 0
+        and f"--merge {tmp_path / 'none'}: no text_attacks_runs.csv there" in refused.stderr
+    )
+    assert not (tmp_path / "m2" / "text_attacks_runs.csv").exists()
 
 
 def test_vision_ablation_config_extends_the_benchmark(tmp_path, data_root):

@@ -180,6 +180,11 @@ def finite_mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else math.nan
 
 
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (NaN with fewer than two)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if values[1:] else math.nan
+
+
 def finite_max(values: list[float]) -> float:
     """The largest non-NaN value (NaN when there are none)."""
     finite = [v for v in values if not math.isnan(v)]

@@ -39,7 +39,6 @@ import copy
 import dataclasses
 import math
 import os
-import statistics
 import sys
 import time
 import tomllib
@@ -439,7 +438,8 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
                 for (d, b, k, label), value in r1_of.items()
                 if label == than and (d, b) in where and (d, b, k, attack) in r1_of
             ]
-            return f" ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.1f}" if diffs[1:] else ""
+            error = _bench.standard_error(diffs)
+            return "" if math.isnan(error) else f" ± {error:.1f}"
 
         lamp, tag = r1("LAMP"), r1("TAG")
         gains = ", ".join(

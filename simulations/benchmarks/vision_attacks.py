@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import tomllib
@@ -411,7 +410,8 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
             for k in batches
             if ("inverting_gradients", state, size, k) in psnr
         ]
-        return f" ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}" if diffs[1:] else ""
+        error = _bench.standard_error(diffs)
+        return "" if math.isnan(error) else f" ± {error:.2f}"
 
     def partial(*rows: dict) -> str:
         return " (partial)" if any(r["batches"] < cfg["batches"] for r in rows) else ""
