@@ -235,3 +235,34 @@ def test_vision_ablation_config_extends_the_benchmark(tmp_path, data_root):
     ]
     assert '"prior": "none"' in attacks and '"features": "none"' in attacks  # its own rows
     assert "model: {'name': 'convnet'" in done.stdout  # the base's model
+
+
+def test_text_ablation_config_adds_oracle_rows_beside_the_benchmarks(tmp_path, data_root):
+    done = run(
+        "text_attacks.py", tmp_path, "--config", str(BENCHMARKS / "text_ablation.toml"),
+        "--data-root", str(data_root), "--report",
+    )  # fmt: skip
+    attacks = done.stdout.split("Attacks: ", 1)[1].split("; extra options", 1)[0]
+    specs = dict(part.split(" = ", 1) for part in attacks.split("; "))
+    assert list(specs) == [
+        "LAMP", "Pooler-SELU", "Pooler-x3x2", "Pooler-SELU-oracle", "Pooler-x3x2-oracle",
+    ]  # fmt: skip
+    base = run("text_attacks.py", tmp_path / "base", "--data-root", str(data_root), "--report")
+    for label, spec in specs.items():  # the base's rows are the base's, the oracle rows new
+        assert (f"{label} = {spec}" in base.stdout) == ("oracle" not in label)
+    assert "'oracle': True" in specs["Pooler-x3x2-oracle"]
+
+
+@pytest.mark.slow
+def test_text_ablation_reproduces_the_benchmarks_rows(tmp_path, data_root):
+    pytest.importorskip("transformers")
+    picked = ("--data-root", str(data_root), "--batch-sizes", "2")
+    run("text_attacks.py", tmp_path / "base", *picked, "--attacks", "Pooler-SELU")
+    config = ("--config", str(BENCHMARKS / "text_ablation.toml"))
+    attacks = ("--attacks", "Pooler-SELU", "Pooler-SELU-oracle")
+    run("text_attacks.py", tmp_path / "ablation", *config, *picked, *attacks)
+    base = read(tmp_path / "base" / "text_attacks_runs.csv")
+    ablation = {r["attack"]: r for r in read(tmp_path / "ablation" / "text_attacks_runs.csv")}
+    same = ("rouge1_lamp", "rouge2_lamp", "token_acc", "feature_cos")
+    assert [base[0][f] for f in same] == [ablation["Pooler-SELU"][f] for f in same]
+    assert ablation["Pooler-SELU-oracle"]["rouge1_lamp"] not in ("", "nan")  # ran with the truth

@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,35 @@ if "FLWR_HOME" not in os.environ:  # a temporary home, removed when this process
     atexit.register(shutil.rmtree, os.environ["FLWR_HOME"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def load_config(path: Path) -> dict:
+    """A TOML file; ``base = "other.toml"`` (beside it) supplies what the file does not set."""
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    base = cfg.pop("base", None)
+    return merge_config(load_config(path.parent / base), cfg) if base else cfg
+
+
+def merge_config(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``: tables merge key by key, arrays of tables with a ``label`` merge
+    label by label (an ablation adds rows beside the base's without repeating them), other
+    values are replaced."""
+    out = dict(base)
+    for key, value in extra.items():
+        old = out.get(key)
+        if isinstance(value, dict):
+            out[key] = merge_config(old if isinstance(old, dict) else {}, value)
+        elif _labelled(value) and _labelled(old):
+            mine = {item["label"]: item for item in value}
+            out[key] = [mine.pop(item["label"], item) for item in old] + list(mine.values())
+        else:
+            out[key] = value
+    return out
+
+
+def _labelled(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) and "label" in v for v in value)
 
 
 def load_average() -> str:

@@ -29,7 +29,8 @@ discrete step on MiniLM at each B, and estimates the full benchmark's time at 50
     .venv/bin/python simulations/benchmarks/text_attacks.py --datasets cola --batch-sizes 2 \\
         --batches 2 --out /tmp/ta --data-root DIR
 
-Settings come from ``text_attacks.toml`` (``--config``); options given here override it.
+Settings come from ``text_attacks.toml`` (``--config``; a file may name a ``base`` it extends
+and the ``rows`` to run, as ``text_ablation.toml`` does); options given here override it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Iterable
 from datetime import datetime
 from importlib import resources
@@ -120,8 +120,7 @@ PUBLISHED_B = (1, 2, 4)
 # -- settings -------------------------------------------------------------------------------
 def settings(args: argparse.Namespace) -> dict:
     """The TOML file, then --quick, then explicit options: the resolved settings."""
-    with open(args.config, "rb") as f:
-        cfg = tomllib.load(f)
+    cfg = _bench.load_config(args.config)
     quick = cfg.pop("quick", {})
     cfg.setdefault("attack_options", {})
     cfg.setdefault("modifier_options", {})
@@ -152,14 +151,15 @@ def settings(args: argparse.Namespace) -> dict:
             )
         cfg["datasets"][name] = {"file": path}
     labels = [a["label"] for a in cfg["attacks"]]
-    if args.attacks:
-        unknown = [a for a in args.attacks if a not in labels]
+    rows = args.attacks or cfg.pop("rows", None)  # the [[attacks]] to run (default: all)
+    if rows:
+        unknown = [a for a in rows if a not in labels]
         if unknown:
             raise SystemExit(
-                f"text_attacks: --attacks {unknown} not in {args.config}; it defines "
+                f"text_attacks: attack rows {unknown} not in {args.config}; it defines "
                 f"{', '.join(labels)}"
             )
-        cfg["attacks"] = [a for a in cfg["attacks"] if a["label"] in args.attacks]
+        cfg["attacks"] = [a for a in cfg["attacks"] if a["label"] in rows]
     root = args.data_root or cfg["data_root"] or os.environ.get("FEDLEAK_DATA_ROOT", "")
     root = Path(root).expanduser() if root else _bench.REPO.parent / "shared" / "data"
     cfg["data_root"] = str(root if root.is_absolute() else (_bench.REPO / root).resolve())
@@ -265,8 +265,10 @@ def run_one(cfg: dict, data: dict, name: str, size: int, k: int, label: str) -> 
         data["model"], spec, cfg, batch, task, seeding.rng(seed, "modifier", name, size, k)
     )
     attack = attack_of(spec, cfg, batch, task)
+    # Only an oracle row (the official code's truth-based pairing, for parity) sees the truth.
+    truth = {"truth": batch} if spec["attack"].get("oracle") else {}
     start = time.perf_counter()
-    reconstruction = attack(view, seeding.rng(seed, "attack", label, name, size, k))
+    reconstruction = attack(view, seeding.rng(seed, "attack", label, name, size, k), **truth)
     seconds = time.perf_counter() - start
     scores = metrics.score(reconstruction, batch, task, view=view)
     return {
@@ -398,7 +400,8 @@ def reference(cfg: dict, data: dict) -> str:
 
 
 def published(dataset: str, attack: str, size: int) -> str:
-    table = PUBLISHED.get(dataset, {}).get(attack)
+    # The published pooler rows come from oracle pairing: an ablation's oracle row shares them.
+    table = PUBLISHED.get(dataset, {}).get(attack.removesuffix("-oracle"))
     if table is None or size not in PUBLISHED_B:
         return "n/a"
     i = PUBLISHED_B.index(size)
@@ -452,11 +455,14 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
             f"{prefix.format(d)}B = {b} ({_batches(cells[(d, b, 'LAMP')]['batches'])})"
             for d, b in where
         )
+        versus = (  # an ablation may run without TAG
+            ""
+            if math.isnan(tag)
+            else f", TAG {_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}{se('LAMP', 'TAG')})"
+        )
         lines.append(
             f"- {'all data sets' if scope == 'all' else scope}, R-1 (lamp) mean over {over}: LAMP "
-            f"{_bench.cell(lamp, 1)}, TAG {_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}"
-            f"{se('LAMP', 'TAG')}); "
-            f"pooler attacks vs LAMP: {gains} (target: >= +5)."
+            f"{_bench.cell(lamp, 1)}{versus}; pooler attacks vs LAMP: {gains} (target: >= +5)."
         )
     lines.append(
         "(± the standard error of the per-batch paired difference: the same sentences attacked "

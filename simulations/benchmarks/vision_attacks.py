@@ -38,7 +38,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -109,19 +108,11 @@ QUICK = {
 
 
 # -- settings -------------------------------------------------------------------------------
-def load_config(path: Path) -> dict:
-    """A TOML file; ``base = "other.toml"`` (beside it) supplies what the file does not set."""
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
-    base = cfg.pop("base", None)
-    return _merge(load_config(path.parent / base), cfg) if base else cfg
-
-
 def settings(args: argparse.Namespace) -> dict:
     """The TOML file, then --quick, then explicit options: the resolved settings."""
-    cfg = load_config(args.config)
+    cfg = _bench.load_config(args.config)
     if args.quick:
-        cfg = _merge(cfg, QUICK)
+        cfg = _bench.merge_config(cfg, QUICK)
     for key in ("images", "indices", "batch_sizes", "batches", "steps", "states", "seed"):
         value = getattr(args, key)
         if value is not None:
@@ -145,13 +136,6 @@ def settings(args: argparse.Namespace) -> dict:
     if bad:
         raise SystemExit(f"vision_attacks: states {bad} unknown; use untrained and/or trained")
     return cfg
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 # -- data and models ------------------------------------------------------------------------
