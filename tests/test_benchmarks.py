@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end in --quick mode, write parseable tables, and resume."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -191,8 +192,9 @@ def test_text_attacks_quick_and_resumable(tmp_path, data_root):
     assert len(summary) == len(runs)
     page = (tmp_path / "text_attacks.md").read_text()
     assert "| cola | LAMP | 1 | 1 |" in page and "84.8 / 46.2 / 73.1" in page  # published
-    assert "cola, R-1 (lamp) mean over B = 2 (1 batch): LAMP " in page  # B = 4 not run
-    assert "(LAMP - TAG " in page and " ± " not in page  # no standard error from one batch
+    line = next(x for x in page.splitlines() if x.startswith("- cola, R-1 (lamp) mean over"))
+    assert "mean over B = 2 (1 batch): LAMP " in line  # B = 4 not run
+    assert "(LAMP - TAG " in line and " ± " not in line  # no standard error from one batch
     assert "Reference, no attack beyond the bag: " in page and "scores R-1 (lamp) cola " in page
     again = bench()
     assert f"{len(runs)} rows already in" in again.stdout and "0 to run" in again.stdout
@@ -266,3 +268,26 @@ def test_text_ablation_reproduces_the_benchmarks_rows(tmp_path, data_root):
     same = ("rouge1_lamp", "rouge2_lamp", "token_acc", "feature_cos")
     assert [base[0][f] for f in same] == [ablation["Pooler-SELU"][f] for f in same]
     assert ablation["Pooler-SELU-oracle"]["rouge1_lamp"] not in ("", "nan")  # ran with the truth
+
+
+def test_text_verdict_pairs_a_partial_cell_with_its_own_batches(monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports _bench beside it
+    spec = importlib.util.spec_from_file_location("text_attacks", BENCHMARKS / "text_attacks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    r1 = {"LAMP": [0.5, 0.6, 0.9, 0.9], "Pooler-SELU": [0.6, 0.8]}  # the pooler cell: 2 batches
+    rows = [
+        {"dataset": "cola", "B": "2", "batch": str(k), "attack": attack, "seconds": "1",
+         **dict.fromkeys(script.SCORES, str(value))}
+        for attack, values in r1.items()
+        for k, value in enumerate(values)
+    ]  # fmt: skip
+    cfg = {
+        "datasets": {"cola": {}},
+        "attacks": [{"label": "TAG"}, {"label": "LAMP"}, {"label": "Pooler-SELU"}],
+        "batch_sizes": [2],
+    }
+    line = script.verdict(script.summarise(rows, cfg), rows, cfg)[0]
+    # +10 and +20 on batches 0 and 1 (unpaired, 70.0 - 72.5 would say -2.5); no TAG rows
+    assert "LAMP 72.5; pooler attacks vs LAMP: Pooler-SELU +15.0 ± 5.0 " in line, line

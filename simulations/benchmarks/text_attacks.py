@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterable
@@ -412,8 +413,8 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
     """The issue's criterion: Pooler vs LAMP (R-1, mean over B = 2 and 4) and LAMP vs TAG, per
     data set and over all of them, on the cells that hold LAMP rows (named, with their batches).
 
-    Each difference carries the standard error of the per-batch paired difference (the same
-    sentences attacked both ways), since batches differ far more than attacks do."""
+    Each difference is the mean per-batch paired difference (the same sentences attacked both
+    ways) with its standard error, since batches differ far more than attacks do."""
     r1_of = {key(r): 100 * float(r["rouge1_lamp"]) for r in rows}
     names = list(cfg["datasets"])
     lines = []
@@ -435,18 +436,27 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
             ]
             return 100 * _bench.finite_mean(found) if found else math.nan
 
-        def se(attack: str, than: str = "LAMP", where: list = where) -> str:
-            diffs = [
-                r1_of[(d, b, k, attack)] - value
-                for (d, b, k, label), value in r1_of.items()
-                if label == than and (d, b) in where and (d, b, k, attack) in r1_of
+        def gain(attack: str, than: str = "LAMP", where: list = where) -> str:
+            # Paired within each cell: the mean difference over the batches both attacked (a
+            # partial cell is compared on its own batches); cells weigh equally, as the means.
+            per_cell = [
+                [
+                    r1_of[(d, b, k, attack)] - value
+                    for (d_, b_, k, label), value in r1_of.items()
+                    if (d_, b_, label) == (d, b, than) and (d, b, k, attack) in r1_of
+                ]
+                for d, b in where
             ]
-            error = _bench.standard_error(diffs)
-            return "" if math.isnan(error) else f" ± {error:.1f}"
+            per_cell = [diffs for diffs in per_cell if diffs]
+            if not per_cell:
+                return "n/a"
+            mean = f"{statistics.fmean(statistics.fmean(c) for c in per_cell):+.1f}"
+            error = math.hypot(*(_bench.standard_error(c) for c in per_cell)) / len(per_cell)
+            return mean if math.isnan(error) else f"{mean} ± {error:.1f}"
 
         lamp, tag = r1("LAMP"), r1("TAG")
         gains = ", ".join(
-            f"{a['label']} {r1(a['label']) - lamp:+.1f}{se(a['label'])}"
+            f"{a['label']} {gain(a['label'])}"
             for a in cfg["attacks"]
             if a["label"].startswith("Pooler")
         )
@@ -458,15 +468,15 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
         versus = (  # an ablation may run without TAG
             ""
             if math.isnan(tag)
-            else f", TAG {_bench.cell(tag, 1)} (LAMP - TAG {lamp - tag:+.1f}{se('LAMP', 'TAG')})"
+            else f", TAG {_bench.cell(tag, 1)} (LAMP - TAG {gain('LAMP', 'TAG')})"
         )
         lines.append(
             f"- {'all data sets' if scope == 'all' else scope}, R-1 (lamp) mean over {over}: LAMP "
             f"{_bench.cell(lamp, 1)}{versus}; pooler attacks vs LAMP: {gains} (target: >= +5)."
         )
     lines.append(
-        "(± the standard error of the per-batch paired difference: the same sentences attacked "
-        "both ways.)"
+        "(Differences are paired: in each cell the mean over the batches both attacks ran, the "
+        "same sentences attacked both ways; cells weigh equally; ± the standard error.)"
     )
     return lines
 
