@@ -16,6 +16,12 @@ options.  No base classes: a plugin only has to match its protocol below.
 * :class:`Trainer`         — client side, the local training procedure.
 * :class:`ModelModifier`   — server side, transforms the global model before it is sent.
 * :class:`DataSource`, :class:`Partitioner`, :class:`ModelSpec` — the task, its data, the model.
+
+Any plugin may also define ``check(self, setting: Setting) -> None``: it raises ``ValueError``
+(naming the value and the fix) when the experiment around it cannot work — an attack that
+needs a modifier or an architecture, a defense that needs a trainer.  The config calls every
+plugin's check when a file loads, before any training, so a bad combination is one clear
+error; the knowledge of what a plugin needs stays in the plugin.
 """
 
 from __future__ import annotations
@@ -145,6 +151,26 @@ def _architecture_of(model: nn.Module) -> Callable[[], nn.Module]:
 
     template = copy.deepcopy(model)
     return lambda: copy.deepcopy(template)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The experiment around a plugin, as its ``check`` sees it: built, never trained.
+
+    ``model`` is the model the plugin acts on: for a modifier the architecture before any
+    modifier, for every other plugin the global architecture as sent (modifiers applied).
+    """
+
+    task: Task
+    model: nn.Module
+    trainer: Any  # the Trainer
+    defenses: tuple[Any, ...] = ()
+    modifiers: tuple[Any, ...] = ()
+    attacks: tuple[Any, ...] = ()
+
+    def has_modifier(self, name: str) -> bool:
+        """Whether the server runs the modifier registered as ``name``."""
+        return any(getattr(m, "name", None) == name for m in self.modifiers)
 
 
 @dataclass(frozen=True)
