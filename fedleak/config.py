@@ -41,6 +41,8 @@ from fedleak.core import (
     ModelModifier,
     ModelSpec,
     Partitioner,
+    Setting,
+    Task,
     Trainer,
     TrainingDefense,
     UpdateDefense,
@@ -65,6 +67,14 @@ class Federation:
     clients_per_round: int = 2  # sampled each round without replacement
 
     def __post_init__(self) -> None:
+        # The name is a directory under runs/: one path component, so that a run can only go
+        # elsewhere through --out.
+        if self.name in ("", ".", "..") or any(c in "/\\" or c < " " for c in self.name):
+            raise ValueError(
+                f"name must be a single directory name (no '/', '\\', '..' or control "
+                f"characters), got "
+                f"{self.name!r}; choose where the run goes with --out instead"
+            )
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.clients < 1:
@@ -185,12 +195,53 @@ class Experiment:
     def build_model(self) -> nn.Module:
         """A new copy of the global architecture (modifiers applied) with the seed's weights."""
         if self._template is None:  # built once: clients and attacks ask for it every round
-            with seeding.isolated(self.seed, "model"):
-                model = self.model(self.dataset().task)
-            for modifier in self.modifiers:
-                model = modifier.architecture(model)
+            model = self._bare_model()
+            for i, modifier in enumerate(self.modifiers):
+                try:
+                    model = modifier.architecture(model)
+                except ValueError as err:
+                    raise ConfigError(f"[modifiers.{i}] {err}") from None
             self._template = model
         return copy.deepcopy(self._template)
+
+    def _bare_model(self) -> nn.Module:
+        """The architecture before any modifier, with the seed's weights."""
+        with seeding.isolated(self.seed, "model"):
+            return self.model(self.dataset().task)
+
+    def plugins(self) -> list[tuple[str, Any]]:
+        """Every plugin of the experiment with the config table it came from."""
+        return [
+            ("data", self.data),
+            ("partition", self.partition),
+            ("model", self.model),
+            ("training", self.trainer),
+            *((f"defenses.{i}", d) for i, d in enumerate(self.defenses)),
+            *((f"modifiers.{i}", m) for i, m in enumerate(self.modifiers)),
+            *((f"attacks.{i}", a) for i, a in enumerate(self.attacks)),
+        ]
+
+    def _ask_plugins(self, task: Task, modifiers: bool) -> None:
+        """Call the ``check(setting)`` of the modifiers, or of every other plugin.
+
+        Modifiers are asked about the bare architecture they will modify, the others about the
+        model as sent (see :class:`fedleak.core.Setting`).  A ValueError from a plugin becomes a
+        ConfigError naming its table.
+        """
+        asked = [
+            (where, plugin)
+            for where, plugin in self.plugins()
+            if where.startswith("modifiers.") == modifiers and hasattr(plugin, "check")
+        ]
+        if not asked:
+            return
+        model = self._bare_model() if modifiers else self.build_model()
+        setting = Setting(task, model, self.trainer, self.defenses, self.modifiers, self.attacks)
+        for where, plugin in asked:
+            try:
+                plugin.check(setting)
+            except ValueError as err:
+                raise ConfigError(f"[{where}] {err}") from None
 
     def check(self) -> None:
         """Checks that need the data: partition feasibility and a forward pass of the model.
@@ -232,6 +283,7 @@ class Experiment:
                 f"[model] {self.model.name!r} takes {takes} data, but [data] {self.data.name!r} "
                 f"is {task.modality} data; pick one for {task.modality}: {', '.join(fitting)}."
             )
+        self._ask_plugins(task, modifiers=True)
         model = self.build_model()
         if task.tokenizer and hasattr(model, "vocab_size"):
             from fedleak import hf  # transformers: only text experiments need it
@@ -243,12 +295,6 @@ class Experiment:
                     f"{self.model.name!r} embeds only {model.vocab_size}; tokenise with the "
                     "model's own tokenizer (data.tokenizer) or pick a model with its vocabulary."
                 )
-        for i, defense in enumerate(self.defenses):
-            if hasattr(defense, "check"):  # e.g. dpsgd: Opacus refuses BatchNorm
-                try:
-                    defense.check(model)
-                except ValueError as err:
-                    raise ConfigError(f"[defenses.{i}] {err}") from None
         sample = self.client_data(0)
         try:
             logits = model(sample.inputs[:1])
@@ -262,6 +308,7 @@ class Experiment:
                 f"[model] {self.model.name!r} outputs {logits.shape[-1]} classes, "
                 f"[data] {self.data.name!r} has {task.num_classes}."
             )
+        self._ask_plugins(task, modifiers=False)
 
 
 _DATASET_CACHE: dict[str, Dataset] = {}
@@ -297,7 +344,7 @@ def load(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) 
 
 def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     """Parse ``path``, resolving ``extends`` (relative to the file) recursively."""
-    raw = _parse(path.read_text(), str(path))
+    raw = _parse(read_text(path), str(path))
     if "extends" not in raw:
         return raw
     base = (path.parent / str(raw.pop("extends"))).resolve()
@@ -316,6 +363,19 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def read_text(path: Path) -> str:
+    """A TOML file's text; a file that is not UTF-8 (binary, another encoding) is a ConfigError."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not a TOML file: byte {err.start} is not UTF-8 text; pass an experiment "
+            "file such as simulations/quickstart.toml"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
 
 
 def _parse(text: str, where: str) -> dict[str, Any]:

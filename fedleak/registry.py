@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import pkgutil
 import types
 import typing
@@ -96,6 +97,7 @@ def construct(cls: type[T], options: Mapping[str, Any], where: str, label: str =
     Unknown keys, wrong types and values rejected by ``__post_init__`` all name the table
     ``where`` they came from.
     """
+    option_of = f"[{where}] {label}: " if label else f"[{where}] "  # names the plugin too
     label = label or f"[{where}]"
     fields = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
@@ -106,7 +108,7 @@ def construct(cls: type[T], options: Mapping[str, Any], where: str, label: str =
                 f"[{where}] {label} has no option {key!r}.{suggest(key, sorted(fields))} "
                 f"It takes: {', '.join(sorted(fields)) or 'nothing'}."
             )
-        checked[key] = check_type(value, hints[key], f"[{where}] {key}")
+        checked[key] = check_type(value, hints[key], f"{option_of}{key}")
     try:
         return cls(**checked)
     except (ValueError, TypeError) as err:
@@ -150,6 +152,9 @@ def check_type(value: Any, hint: Any, label: str) -> Any:
             f"{label} must be {getattr(hint, '__name__', hint)}, "
             f"got {type(value).__name__} {value!r}."
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        # TOML has inf and nan literals; no option means either (lr = inf trains a NaN model).
+        raise ConfigError(f"{label} must be a finite number, got {value!r}.")
     return value
 
 

@@ -51,7 +51,10 @@ BAD = [
     ),
     ({"attacks": [{"name": "dlg", "steps": -1}]}, "[attacks.0] dlg: steps must be >= 1, got -1"),
     ({"attacks": {"name": "dlg"}}, "attacks must be an array of tables: write [[attacks]]"),
-    ({"training": {"name": "sgd", "lr": "fast"}}, "[training] lr must be float, got str 'fast'"),
+    (
+        {"training": {"name": "sgd", "lr": "fast"}},
+        "[training] trainer 'sgd': lr must be float, got str 'fast'",
+    ),
     (
         {"defenses": [{"name": "clip", "max_norm": -1}]},
         "[defenses.0] clip: max_norm must be > 0, got -1",
@@ -61,7 +64,7 @@ BAD = [
     ({"partition": {"name": "dirichlet", "alpha": -1.0}}, "alpha must be > 0"),
     (
         {"model": {"name": "mlp", "activation": "gelu"}},
-        "[model] activation must be one of 'relu', 'sigmoid', 'tanh', got 'gelu'",
+        "[model] model 'mlp': activation must be one of 'relu', 'sigmoid', 'tanh', got 'gelu'",
     ),
 ]
 

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from fedleak.attacks import ATTACKS, _prior, _tensor
 from fedleak.attacks._matching import Update
 from fedleak.attacks.inverting_gradients import InvertingGradients, Term
-from fedleak.core import Reconstruction, ServerView
+from fedleak.core import Reconstruction, ServerView, Setting
 from fedleak.models import classifier
 from fedleak.modifiers import gaussian_head
 
@@ -111,6 +111,17 @@ class FeatureReconstruction(InvertingGradients):
             if not ok:
                 raise ValueError(f"{name}: {option} must be {rule}, got {getattr(self, option)}")
         self._recovered: _Recovered | None = None
+
+    def check(self, setting: Setting) -> None:
+        """Refuse, when the experiment loads, a feature source the model cannot give.
+
+        Tensor features need a two-layer head (the gaussian_head modifier plants one); analytic
+        features (also what "auto" falls back to) need a classifier with a bias.
+        """
+        if self.features == "tensor" and not setting.has_modifier("gaussian_head"):
+            two_layer_head(setting.model)
+        if self.features in ("analytic", "auto"):
+            biased_classifier(setting.model)
 
     def __call__(self, view: ServerView, rng: torch.Generator) -> Reconstruction:
         """Reconstruct the client's batch; ``features``/``feature_layer`` hold the recovered ẑ.
@@ -193,16 +204,23 @@ def analytic_features(view: ServerView, labels: Tensor) -> _Recovered:
     Exact (up to floating point) for one example; for a batch, row ``c`` mixes every example's
     feature weighted by its residual on class ``c``, dominated by the examples labelled ``c``.
     """
-    name, layer = classifier(view.model(), "the analytic feature recovery")
-    if layer.bias is None:
-        raise ValueError(
-            f"features 'analytic' divide the classifier's weight gradient by its bias gradient, "
-            f"but {name!r} has no bias; use features = 'tensor' or 'none'"
-        )
+    name = biased_classifier(view.model())
     gradient = view.gradient()
     weight, bias = gradient[f"{name}.weight"].detach(), gradient[f"{name}.bias"].detach()
     rows = weight[labels] / _nonzero(bias[labels])[:, None]
     return _Recovered(rows, name, {})
+
+
+def biased_classifier(model: nn.Module) -> str:
+    """The classifier's name; a ValueError if it has no bias (analytic features divide by it)."""
+    name, layer = classifier(model, "the analytic feature recovery")
+    if layer.bias is None:
+        raise ValueError(
+            f"features 'analytic' (and 'auto', which falls back to them) divide the classifier's "
+            f"weight gradient by its bias gradient, but {name!r} has no bias; use features = "
+            "'tensor' (with the gaussian_head modifier) or 'none'"
+        )
+    return name
 
 
 def tensor_features(

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedleak.core import Batch, LossFn, Params
+from fedleak.core import Batch, LossFn, Params, Setting
 from fedleak.defenses import DEFENSES, _params
 
 
@@ -85,7 +85,7 @@ class CoordinateClip:
 class PerExampleClip:
     """Clip each example's gradient to L2 norm ``max_norm``, then average (DP-SGD, no noise)."""
 
-    max_norm: float = 1.0  # bound on every example's gradient norm (all parameters); inf = off
+    max_norm: float = 1.0  # bound on every example's gradient norm; inf = off (Python only)
 
     def __post_init__(self) -> None:
         if not self.max_norm > 0:  # also rejects NaN; 0 would erase every gradient
@@ -93,7 +93,11 @@ class PerExampleClip:
                 f"per_example_clip: max_norm must be > 0 (inf = no clipping), got {self.max_norm}"
             )
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, setting: Setting) -> None:
+        """Refuse, when the experiment loads, a model this defense cannot train."""
+        self.validate(setting.model)
+
+    def validate(self, model: nn.Module) -> None:
         """Raise ValueError if per-example gradients of ``model`` do not exist (BatchNorm)."""
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ValueError(
@@ -114,7 +118,7 @@ class PerExampleClip:
         self, model: nn.Module, batch: Batch, loss_fn: LossFn, names: list[str]
     ) -> dict[str, Tensor]:
         """Every example's gradient of the parameters ``names``, clipped: ``[B, *shape]`` each."""
-        self.check(model)
+        self.validate(model)
         per_example = per_example_gradients(model, batch, loss_fn, names)
         # One norm per example over all parameters together, as DP-SGD (Opacus: flat clipping).
         squares = sum(g.double().flatten(1).square().sum(1) for g in per_example.values())

@@ -51,7 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fedleak.core import Batch
+from fedleak.core import Batch, Setting
 from fedleak.defenses import DEFENSES
 
 
@@ -93,7 +93,7 @@ class DPSGD:
         The draws sample ``data`` (the client's whole partition), one per planned batch.
         """
         opacus = _opacus()
-        self.check(model)
+        self.validate(model)
         planned = list(batches)
         if not planned or len(data) == 0:
             return model, optimizer, []
@@ -120,7 +120,11 @@ class DPSGD:
         draws = itertools.islice(passes, len(planned))
         return model, optimizer, [Batch(x, y) for x, y in draws if len(y) > 0]
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, setting: Setting) -> None:
+        """Refuse, when the experiment loads, a model this defense cannot train."""
+        self.validate(setting.model)
+
+    def validate(self, model: nn.Module) -> None:
         """Raise ValueError if Opacus cannot compute per-example gradients for ``model``."""
         opacus = _opacus()
         problems = opacus.validators.ModuleValidator.validate(model, strict=False)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from fedleak.attacks._tensor import ACTIVATIONS
-from fedleak.core import Params, Secrets
+from fedleak.core import Params, Secrets, Setting
 from fedleak.modifiers import MODIFIERS
 
 NAMES = tuple(sorted(ACTIVATIONS))  # the secret "pooler.activation" indexes this tuple
@@ -115,10 +115,13 @@ class Pooler:
         """Whether the server plants fresh Gaussian rows before ``round``."""
         return not self.rounds or round in self.rounds
 
-    def architecture(self, model: nn.Module) -> nn.Module:
-        """``model`` with the pooler and classifier widened by ``hd`` units (zero weights)."""
-        if not self.hd:
-            return model
+    def check(self, setting: Setting) -> None:
+        """Refuse, when the experiment loads, a model without a widenable BERT-style pooler."""
+        if self.hd:
+            self._widenable(setting.model)
+
+    def _widenable(self, model: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Module]:
+        """The pooler's dense layer, the classifier and the pooler, if they can be widened."""
         dense, classifier = _layers(model)
         if self.rd > dense.in_features:
             raise ValueError(
@@ -136,6 +139,13 @@ class Pooler:
                 f"pooler: {type(parent).__name__} has no 'activation' module after its dense "
                 "layer; the wide pooler needs a BERT-style pooler (dense, then activation)"
             )
+        return dense, classifier, parent
+
+    def architecture(self, model: nn.Module) -> nn.Module:
+        """``model`` with the pooler and classifier widened by ``hd`` units (zero weights)."""
+        if not self.hd:
+            return model
+        dense, classifier, parent = self._widenable(model)
         width = dense.out_features
         wide = WidePoolerDense(dense.in_features, width + self.hd, self.rd, device="meta")
         head = nn.Linear(width + self.hd, classifier.out_features, device="meta")

@@ -116,5 +116,5 @@ def test_batches_and_optimizer_pass_through():
 def test_bad_p_raises(p):
     with pytest.raises(ValueError, match=r"dropout: p must be in \[0, 1\)"):
         DEFENSES["dropout"](p=p)
-    with pytest.raises(ConfigError, match="dropout: p"):
+    with pytest.raises(ConfigError, match=r"dropout'?: p"):
         DEFENSES.build({"name": "dropout", "p": p})
