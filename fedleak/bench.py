@@ -64,9 +64,8 @@ import tomli_w
 from fedleak import config, seeding
 from fedleak.config import Experiment
 from fedleak.defenses import DEFENSES
-from fedleak.defenses.dpsgd import accounting
 from fedleak.registry import ConfigError, suggest
-from fedleak.store import RunStore
+from fedleak.store import RunStore, process_alive
 
 log = logging.getLogger("fedleak")
 
@@ -174,7 +173,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             f"No sweep file at {path}; the committed ones live in "
             "simulations/benchmarks/privacy_utility/."
         )
-    raw = _parse(path.read_text(), str(path))
+    raw = _parse(config.read_text(path), str(path))
     sweep_overrides = [o for o in overrides if o.split(".", 1)[0].split("=", 1)[0] in SWEEP_KEYS]
     for item in sweep_overrides:
         if not item.startswith("base."):
@@ -428,7 +427,7 @@ def _lock(root: Path) -> Iterator[None]:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         holder = path.read_text().strip()
-        if holder.isdigit() and _alive(int(holder)):
+        if holder.isdigit() and process_alive(int(holder)):
             raise FileExistsError(
                 f"{root} is being written by another fedleak bench (process {holder}); wait for "
                 "it, or stop it first."
@@ -441,16 +440,6 @@ def _lock(root: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run_cells(sweep: Sweep, store: RunStore) -> list[str]:
@@ -578,18 +567,8 @@ def _ensure(exp: Experiment, store: RunStore) -> str:
     if meta.get("status") == "done" or federated:
         # The federation is complete: attacks missing (interrupted, or appended to the list)
         # run on the stored views; finished (round, client, attack) rows are kept.
-        store.update_meta(status="running")
         store.write_text("config.toml", exp.toml())
-        start = time.monotonic()
-        try:
-            if "dpsgd" not in meta and (privacy := accounting(exp)) is not None:
-                store.update_meta(dpsgd=privacy)
-            pipeline.attack(exp, store)
-        except BaseException as err:
-            store.update_meta(status="failed", error=f"{type(err).__name__}: {err}")
-            raise
-        seconds = float(meta.get("seconds", 0)) + time.monotonic() - start
-        store.update_meta(status="done", seconds=round(seconds, 3))
+        pipeline.resume(exp, store)
         return "attacked" if meta.get("status") == "done" else "resumed"
     if store.root.exists():  # interrupted during federation: nothing worth keeping
         log.info("%s: restarting an interrupted cell", store.root.name)

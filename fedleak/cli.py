@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedleak import config, pipeline
+from fedleak.federation import Diverged
 from fedleak.metrics import HEADLINE
 from fedleak.registry import ConfigError
 from fedleak.store import RunStore
@@ -76,8 +77,9 @@ def cmd_attack(args: argparse.Namespace) -> None:
     if not (store.root / "config.toml").is_file():
         raise ConfigError(f"{store.root} is not a run directory (no config.toml)")
     exp = config.load(store.root / "config.toml", args.override or [])
-    pipeline.attack(exp, store)
+    pipeline.resume(exp, store)
     print(summary(store))
+    print(f"status: {store.status()}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -226,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"fedleak: error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:  # a result of the experiment, not a bug: no traceback either
+        print(f"fedleak: diverged: {err}", file=sys.stderr)
+        return 1
     return code or 0
 
 

@@ -65,6 +65,9 @@ class Federation:
     rounds: int = 1
     clients: int = 2  # virtual clients (partitions)
     clients_per_round: int = 2  # sampled each round without replacement
+    # The run stops as "diverged" when the global test loss exceeds this multiple of its value
+    # before round 1 (a NaN/inf model or update always stops it); 0 = only on NaN/inf.
+    divergence_ratio: float = 1000.0
 
     def __post_init__(self) -> None:
         # The name is a directory under runs/: one path component, so that a run can only go
@@ -77,6 +80,11 @@ class Federation:
             )
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.divergence_ratio < 0:
+            raise ValueError(
+                f"divergence_ratio must be >= 0 (0 = stop only on NaN/inf), got "
+                f"{self.divergence_ratio}"
+            )
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
         if not 1 <= self.clients_per_round <= self.clients:

@@ -20,6 +20,22 @@ from fedleak.config import Experiment
 from fedleak.core import Batch, Params, Secrets, TrainResult
 
 
+class Diverged(RuntimeError):
+    """Training stopped being finite: a result of the experiment, not a crash.
+
+    Too large a learning rate, or a defense that injects NaN; reported as such, never scored
+    as if the NaN model were real.
+    """
+
+
+NON_FINITE = "update is not finite"  # how a failed client's reason marks a divergence
+
+
+def non_finite(params: Params) -> list[str]:
+    """The floating-point tensors of ``params`` that hold a NaN or an infinity."""
+    return [k for k, v in params.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+
+
 def sample_clients(exp: Experiment, round: int) -> list[int]:
     """The clients taking part in ``round``, sorted (uniform without replacement)."""
     fed = exp.federation
@@ -95,4 +111,12 @@ def local_update(exp: Experiment, client: int, round: int, sent: Params) -> Upda
     for defense in exp.update_defenses:
         delta = defense(delta, rng)
     params = {k: sent[k] + delta[k] if k in delta else v.detach().clone() for k, v in state.items()}
+    if bad := non_finite(params):
+        # Raised, so the runtime reports a failed client and the server leaves it out: a NaN
+        # update averaged in would poison the global model.
+        raise Diverged(
+            f"client {client}, round {round}: its {NON_FINITE} ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); lower training.lr, or "
+            "check the defenses' options"
+        )
     return Update(params, result)

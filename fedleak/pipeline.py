@@ -10,6 +10,7 @@ directory is attacked again, so nothing computed is lost or recomputed.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from datetime import datetime
@@ -20,6 +21,7 @@ import torch
 from fedleak import metrics, seeding
 from fedleak.config import Experiment
 from fedleak.defenses.dpsgd import accounting
+from fedleak.federation import Diverged, non_finite
 from fedleak.store import RunStore
 
 log = logging.getLogger("fedleak")
@@ -42,22 +44,54 @@ def run(exp: Experiment, out: str | Path | None = None) -> RunStore:
         raise FileExistsError(f"{store.root} is not empty; choose another --out directory")
     store.write_text("config.toml", exp.toml())
     started = time.monotonic()
-    store.update_meta(
-        status="running",
+    store.mark_running(
         runner=exp.runner.name,
         started=datetime.now().isoformat(timespec="seconds"),
         versions=_versions(),
     )
     try:
         execute(exp, store)
+        if why := store.meta().get("diverged"):
+            raise Diverged(f"{why} (run directory: {store.root})")
         if (privacy := accounting(exp)) is not None:  # DP-SGD: each client's ε over the run
             store.update_meta(dpsgd=privacy)
         attack(exp, store)
+    except Diverged as err:
+        store.update_meta(status="diverged", error=str(err))
+        raise
     except BaseException as err:
         store.update_meta(status="failed", error=f"{type(err).__name__}: {err}")
         raise
     store.update_meta(status="done", seconds=round(time.monotonic() - started, 3))
     return store
+
+
+def resume(exp: Experiment, store: RunStore) -> None:
+    """Attack a run directory's stored views again: missing rows only, finished ones are kept.
+
+    For a run whose federation is over (``fedleak attack``, a resumed sweep cell, attacks
+    appended to the list).  The status is "running" meanwhile, then "done" once the rows are
+    complete, if the federation was (a diverged or interrupted federation keeps its status).
+    """
+    meta = store.meta()
+    if store.status() == "running" and meta.get("pid") != os.getpid():
+        raise FileExistsError(
+            f"{store.root} is being written by process {meta.get('pid')} on {meta.get('host')}; "
+            "wait for it, or stop it first"
+        )
+    before = store.status()
+    store.mark_running()
+    started = time.monotonic()
+    try:
+        if "dpsgd" not in meta and (privacy := accounting(exp)) is not None:
+            store.update_meta(dpsgd=privacy)
+        attack(exp, store)
+    except BaseException as err:
+        store.update_meta(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    seconds = float(meta.get("seconds", 0)) + time.monotonic() - started
+    status = "done" if meta.get("server") == "done" else before
+    store.update_meta(status=status, seconds=round(seconds, 3))
 
 
 def attack(exp: Experiment, store: RunStore) -> None:
@@ -66,6 +100,14 @@ def attack(exp: Experiment, store: RunStore) -> None:
     images = store.root / "images"
     images.mkdir(exist_ok=True)
     for view in store.views(exp):
+        if bad := non_finite(view.received):  # e.g. a run from before clients were checked
+            log.warning(
+                "round %d client %d: the stored update is not finite (%s); not attacked",
+                view.round,
+                view.client,
+                bad[0],
+            )
+            continue
         truth = store.truth(view.round, view.client)
         for index, attack in enumerate(exp.attacks):
             if (str(view.round), str(view.client), str(index)) in done:

@@ -6,7 +6,8 @@ hands Python objects back: it writes them here, and attacks read them back after
 Layout::
 
     config.toml            the resolved experiment (the only input a run needs)
-    meta.json              status ("running" | "done" | "failed"), versions, runner, wall time
+    meta.json              status ("running" | "done" | "failed" | "diverged"; a dead writer
+                           reads "interrupted"), its pid and host, versions, runner, wall time
     sent/r0001.pt          global state sent in an observed round (after modifiers) + secrets
     views/r0001_c0003.pt   what client 3 sent back in round 1, with its reported metadata
     truth/r0001_c0003.pt   the examples client 3 trained on: read by metrics only, never attacks
@@ -25,6 +26,7 @@ import io
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,19 @@ _VIEW = re.compile(r"r(\d+)_c(-?\d+)\.pt$")  # client -1: a securely aggregated 
 
 def _name(round: int, client: int) -> str:
     return f"r{round:04d}_c{client:04d}.pt"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a reused pid reads as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class RunStore:
@@ -105,6 +120,23 @@ class RunStore:
         """The run's meta.json (empty before the run starts)."""
         path = self.root / "meta.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+    def mark_running(self, **fields: Any) -> None:
+        """Status "running", with the process and host that write the run (see :meth:`status`)."""
+        self.update_meta(status="running", pid=os.getpid(), host=socket.gethostname(), **fields)
+
+    def status(self) -> str:
+        """meta.json's status, except that a run whose writer died reads ``"interrupted"``.
+
+        A killed process (SIGKILL, power loss) cannot update meta.json, so readers check
+        whether the recorded process still runs.  Only on the same host: a run written from
+        another machine reads "running" until that machine says otherwise.
+        """
+        meta = self.meta()
+        status = str(meta.get("status", ""))
+        if status != "running" or meta.get("host", socket.gethostname()) != socket.gethostname():
+            return status
+        return "running" if process_alive(int(meta.get("pid", -1))) else "interrupted"
 
     def update_meta(self, **fields: Any) -> None:
         """Merge ``fields`` into meta.json."""

@@ -118,7 +118,7 @@ class Deployment:
             raise RuntimeError(
                 f"flwr run failed with exit code {done.returncode}: {shlex.join(cmd)}"
             )
-        if store.meta().get("server") != "done":
+        if store.meta().get("server") not in ("done", "diverged"):
             raise RuntimeError(
                 f"flwr run returned, but the ServerApp did not finish ({store.root}/meta.json); "
                 "see the SuperLink log"

@@ -18,6 +18,7 @@ individual update, as an honest-but-curious server does without secure aggregati
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class Observed(Strategy):
         self._assigned: dict[int, int] = {}  # node id -> client index, this round
         self._round: dict[str, float] = {}
         self._started = time.monotonic()
+        self._initial_loss: float | None = None  # test loss before round 1: divergence's yardstick
 
     def nodes(self, grid: Grid) -> dict[int, int]:
         """Ask every node once which client it plays."""
@@ -234,6 +236,12 @@ class Observed(Strategy):
         replies = list(replies)
         clients = self._assigned
         ok = [r for r in replies if not r.has_error()]
+        diverged = [r for r in replies if r.has_error() and federation.NON_FINITE in r.error.reason]
+        if replies and len(diverged) == len(replies):
+            raise federation.Diverged(
+                f"round {server_round}: every sampled client's {federation.NON_FINITE}; "
+                "lower training.lr, or check the defenses' options"
+            )
         if replies and not ok:
             raise RuntimeError(
                 f"round {server_round}: all {len(replies)} sampled clients failed; "
@@ -242,9 +250,14 @@ class Observed(Strategy):
         for reply in replies:
             if reply.has_error():
                 client = clients.get(reply.metadata.src_node_id, "?")
-                log.warning(
-                    "round %d: client %s failed: %s", server_round, client, reply.error.reason
+                # A diverged client's reason is its own message wrapped by the runtime (with a
+                # traceback on some): one short line says it.
+                reason = (
+                    f"its {federation.NON_FINITE} (diverged), left out of the average"
+                    if reply in diverged
+                    else reply.error.reason
                 )
+                log.warning("round %d: client %s failed: %s", server_round, client, reason)
         secure = self.exp.secure_aggregation
         captured = []
         watched = self.watched
@@ -270,7 +283,16 @@ class Observed(Strategy):
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralised evaluation of the global model; appends one row to utility.csv."""
-        metrics = federation.evaluate(self.exp, arrays.to_torch_state_dict())
+        params = arrays.to_torch_state_dict()
+        if bad := federation.non_finite(params):
+            raise federation.Diverged(
+                f"round {server_round}: the global model is not finite ({bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); lower training.lr, "
+                "or check the defenses' options"
+            )
+        metrics = federation.evaluate(self.exp, params)
+        if self._initial_loss is None:
+            self._initial_loss = metrics["test_loss"]
         row = {
             "round": server_round,
             **metrics,
@@ -287,6 +309,15 @@ class Observed(Strategy):
             metrics["test_loss"],
             f", {row['failures']} failed" if row["failures"] else "",
         )
+        loss, ratio = metrics["test_loss"], self.exp.federation.divergence_ratio
+        if not math.isfinite(loss) or (ratio and loss > ratio * self._initial_loss):
+            raise federation.Diverged(
+                f"round {server_round}: the global test loss is {loss:.4g}, over {ratio:g} "
+                f"times its initial {self._initial_loss:.4g}; lower training.lr, or raise "
+                "divergence_ratio (0 = stop only on NaN/inf)"
+                if math.isfinite(loss)
+                else f"round {server_round}: the global test loss is {loss}; lower training.lr"
+            )
         return MetricRecord(metrics)
 
 
@@ -304,19 +335,26 @@ def serve(grid: Grid, context, exp: Experiment, store: RunStore, discover: bool)
     )
     store.update_meta(server="running")
     secure = exp.secure_aggregation
-    if getattr(secure, "protocol", "simulated") == "secaggplus":
-        # Imported here: the legacy stack (and its deprecation warnings) only when asked for.
-        from fedleak.sim import secaggplus
+    try:
+        if getattr(secure, "protocol", "simulated") == "secaggplus":
+            # Imported here: the legacy stack (and its deprecation warnings) only when asked for.
+            from fedleak.sim import secaggplus
 
-        secaggplus.serve(grid, context, strategy)
-    else:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(federation.initial_params(exp)),
-            num_rounds=exp.federation.rounds,
-            train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
-            evaluate_fn=strategy.evaluate,
-        )
+            secaggplus.serve(grid, context, strategy)
+        else:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(federation.initial_params(exp)),
+                num_rounds=exp.federation.rounds,
+                train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
+                evaluate_fn=strategy.evaluate,
+            )
+    except federation.Diverged as err:
+        # A result, recorded where every runner's caller reads it (the ServerApp may run in
+        # another process, whose exceptions do not reach fedleak).
+        log.info("the federation diverged: %s", err)
+        store.update_meta(server="diverged", diverged=str(err))
+        return
     store.update_meta(server="done")
 
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedleak.core import Batch, GradientDefense, LossFn, TrainingDefense, TrainResult
+from fedleak.core import (
+    Batch,
+    GradientDefense,
+    LossFn,
+    Setting,
+    TrainingDefense,
+    TrainResult,
+)
 from fedleak.training import TRAINERS
 
 
@@ -43,6 +50,15 @@ class SGD:
             )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"sgd: momentum must be in [0, 1), got {self.momentum}")
+
+    def check(self, setting: Setting) -> None:
+        """Refuse a learning rate the model's floating-point type cannot hold (torch raises)."""
+        for dtype in {p.dtype for p in setting.model.parameters() if p.is_floating_point()}:
+            if self.lr > torch.finfo(dtype).max:
+                raise ValueError(
+                    f"sgd: lr = {self.lr:g} overflows the model's {dtype} parameters "
+                    f"(largest {torch.finfo(dtype).max:.3g}); use a learning rate below 1"
+                )
 
     def planned_steps(self, examples: int) -> int:
         """Optimiser steps one round takes on a partition of ``examples`` (0 for none).
