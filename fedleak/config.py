@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,7 +181,13 @@ class Experiment:
         """The loaded data set (cached per process: every client of a process shares it)."""
         key = repr(self.data)
         if key not in _DATASET_CACHE:
-            _DATASET_CACHE[key] = self.data.load()
+            try:
+                _DATASET_CACHE[key] = self.data.load()
+            except MemoryError as err:  # the OS refused the allocation outright
+                raise ConfigError(
+                    f"[data] {self.data.name!r} does not fit in this machine's memory ({err}); "
+                    "choose fewer or smaller examples."
+                ) from None
         return _DATASET_CACHE[key]
 
     def partitions(self) -> list[torch.Tensor]:
@@ -251,6 +258,26 @@ class Experiment:
             except ValueError as err:
                 raise ConfigError(f"[{where}] {err}") from None
 
+    def _check_size(self, task: Task) -> None:
+        """Refuse a model this machine cannot hold, before allocating it (e.g. width = 10**6).
+
+        The model is first built on the meta device, which allocates nothing; a run keeps
+        about four copies of it in memory (template, global state, a client's model, its
+        gradients).
+        """
+        try:
+            with torch.device("meta"), seeding.isolated(self.seed, "model"):
+                count = sum(p.numel() for p in self.model(task).parameters())
+        except Exception:  # a model that cannot be built on the meta device is not sized
+            return
+        needed, total = 4 * 4 * count, _memory()
+        if total and needed > total:
+            raise ConfigError(
+                f"[model] {self.model.name!r} has {count:,} parameters: about "
+                f"{needed / 2**30:.0f} GiB for a run, and this machine has {total / 2**30:.0f} "
+                "GiB; choose a smaller width or depth."
+            )
+
     def check(self) -> None:
         """Checks that need the data: partition feasibility and a forward pass of the model.
 
@@ -291,6 +318,7 @@ class Experiment:
                 f"[model] {self.model.name!r} takes {takes} data, but [data] {self.data.name!r} "
                 f"is {task.modality} data; pick one for {task.modality}: {', '.join(fitting)}."
             )
+        self._check_size(task)
         self._ask_plugins(task, modifiers=True)
         model = self.build_model()
         if task.tokenizer and hasattr(model, "vocab_size"):
@@ -317,6 +345,14 @@ class Experiment:
                 f"[data] {self.data.name!r} has {task.num_classes}."
             )
         self._ask_plugins(task, modifiers=False)
+
+
+def _memory() -> int:
+    """This machine's physical memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 _DATASET_CACHE: dict[str, Dataset] = {}
