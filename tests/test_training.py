@@ -95,3 +95,22 @@ def test_gradient_defenses_act_on_each_step_with_the_batch():
         torch.testing.assert_close(
             defended.state_dict()[k] - before[k], (plain.state_dict()[k] - before[k]) / 2
         )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batch_norm_mode_of_the_local_step(mode):
+    # eval: the sent running statistics normalise (and stay as sent); train: the batch's own,
+    # and the running statistics move.  Dropout is on in both.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = TRAINERS.build({"name": "sgd", "lr": 0.1, "batch_norm": mode})
+    trainer.fit(model, data(), nn.functional.cross_entropy, torch.Generator().manual_seed(0))
+    moved = not torch.equal(model.state_dict()["1.running_mean"], before["1.running_mean"])
+    assert moved == (mode == "train")
+    assert model[1].training == (mode == "train") and model[2].training
+
+
+def test_batch_norm_mode_is_checked():
+    with pytest.raises(ConfigError, match="batch_norm must be one of 'train', 'eval'"):
+        TRAINERS.build({"name": "sgd", "batch_norm": "frozen"})

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from fedleak.core import ServerView
+from fedleak.models import set_batch_norm
 
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]  # (parameters, inputs) -> logits
 Distance = Literal["l2", "cosine", "l2_l1"]
@@ -62,9 +63,10 @@ class Update:
     ) -> None:
         self.view = view
         self.model = view.model()
-        # The client trained in train mode (BatchNorm on batch statistics, dropout on); the
-        # attack reproduces it.  Buffers (running statistics) change only on this copy.
-        self.model.train()
+        # The client trained in train mode (dropout on), its batch norm on the batch's
+        # statistics or on the sent running statistics, as the protocol says; the attack
+        # reproduces it.  Buffers (running statistics) change only on this copy.
+        set_batch_norm(self.model, str(view.protocol.get("batch_norm", "train")))
         observed = view.gradient()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named if n in observed]

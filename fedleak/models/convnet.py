@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -26,8 +27,12 @@ LAYERS = (1, 2, 2, 4, 4, 4, "pool", 4, 4, "pool")  # conv widths as multiples of
 class ConvNet:
     """Geiping et al.'s ConvNet: 8 conv-norm-ReLU blocks, 2 max-pools, a linear classifier."""
 
-    width: int = 16  # channels of the first block (the original uses 32 or 64)
+    width: int = 16  # channels of the first block (the original uses 32 or 64; breaching 64)
     norm: Norm = "batch"
+    # "default": PyTorch's (weight variance 1/(3 fan-in)), whose signal fades over the eight
+    # ReLU blocks (output std 0.24 -> 0.015 at width 16, the gradient's energy in the last bias);
+    # "kaiming": He et al.'s fan-in normal (variance 2/fan-in, zero biases), which keeps it.
+    init: Literal["default", "kaiming"] = "default"
 
     def __post_init__(self) -> None:
         _layers.check_options("convnet", self)
@@ -53,4 +58,10 @@ class ConvNet:
         layers["resize"] = nn.AdaptiveMaxPool2d(3)  # a no-op on the original's inputs
         layers["flatten"] = nn.Flatten()
         layers["linear"] = nn.Linear(channels * 9, task.num_classes)
-        return nn.Sequential(layers)
+        model = nn.Sequential(layers)
+        if self.init == "kaiming":
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d | nn.Linear):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                    nn.init.zeros_(module.bias)
+        return model

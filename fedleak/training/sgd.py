@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from fedleak.core import (
     TrainingDefense,
     TrainResult,
 )
+from fedleak.models import set_batch_norm
 from fedleak.training import TRAINERS
 
 
@@ -36,6 +38,11 @@ class SGD:
     local_epochs: int = 0  # > 0: passes over the partition instead of a step count
     batch_size: int = 0  # examples per step; 0 = the whole partition (FedSGD)
     momentum: float = 0.0  # 0 keeps "update = -lr * sum of gradients" exact for attacks
+    # Batch norm in the local step: "train" normalises with the batch's own statistics (the
+    # server cannot know them); "eval" with the running statistics the server sent, public
+    # buffers both sides know (breaching's provide_public_buffers, the literature's setting for
+    # B = 1).  Dropout stays on either way.
+    batch_norm: Literal["train", "eval"] = "train"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -101,7 +108,7 @@ class SGD:
             # The whole partition too: DP-SGD samples from it, not from the planned batches.
             model, optimizer, batches = defense.wrap(model, optimizer, batches, rng, data=data)
         per_step = [d for d in defenses if hasattr(d, "gradients")]
-        model.train()
+        set_batch_norm(model, self.batch_norm)
         losses, used = [], []
         for batch in batches:
             optimizer.zero_grad()

@@ -20,14 +20,20 @@ def _model(norm: bool = False) -> nn.Module:
         return nn.Sequential(*layers)
 
 
-def _federated_view(local_steps: int, batch_size: int, momentum: float = 0.0, norm=False):
+def _federated_view(
+    local_steps: int, batch_size: int, momentum: float = 0.0, norm=False, batch_norm="train"
+):
     """A view after a real local-SGD round of fedleak's trainer, and the examples it used."""
     g = seeding.rng(0, "data")
     data = Batch(torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g))
     model = _model(norm)
     sent = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = TRAINERS["sgd"](
-        lr=0.05, local_steps=local_steps, batch_size=batch_size, momentum=momentum
+        lr=0.05,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        momentum=momentum,
+        batch_norm=batch_norm,
     )
     result = trainer.fit(model, data, nn.functional.cross_entropy, seeding.rng(0, "train"))
     view = ServerView(
@@ -42,7 +48,7 @@ def _federated_view(local_steps: int, batch_size: int, momentum: float = 0.0, no
         lr=0.05,
         local_steps=result.steps,
         batch_size=result.batch_size,
-        protocol={"name": "sgd", "momentum": momentum},
+        protocol={"name": "sgd", "momentum": momentum, "batch_norm": batch_norm},
     )
     return view, result.used
 
@@ -54,13 +60,22 @@ def _relative_error(predicted, observed):
 
 
 @pytest.mark.parametrize(
-    ("steps", "batch_size", "momentum", "norm"),
-    [(1, 0, 0.0, False), (3, 2, 0.0, False), (3, 2, 0.9, False), (3, 2, 0.0, True)],
+    ("steps", "batch_size", "momentum", "norm", "batch_norm"),
+    [
+        (1, 0, 0.0, False, "train"),
+        (3, 2, 0.0, False, "train"),
+        (3, 2, 0.9, False, "train"),
+        (3, 2, 0.0, True, "train"),
+        (1, 1, 0.0, True, "train"),
+        (1, 1, 0.0, True, "eval"),
+        (3, 2, 0.0, True, "eval"),
+    ],
 )
-def test_true_batch_reproduces_the_observed_update(steps, batch_size, momentum, norm):
+def test_true_batch_reproduces_the_observed_update(steps, batch_size, momentum, norm, batch_norm):
     # The server's model of local training, fed the examples in the order the client used
-    # them, must predict the update the client sent (FedSGD, FedAvg, momentum, BatchNorm).
-    view, used = _federated_view(steps, batch_size, momentum, norm)
+    # them, must predict the update the client sent (FedSGD, FedAvg, momentum, BatchNorm in
+    # either mode of the client step).
+    view, used = _federated_view(steps, batch_size, momentum, norm, batch_norm)
     update = Update(view)
     assert update.unrolled == (steps > 1)
     predicted = [p.detach() for p in update(used.inputs, used.labels)]
@@ -121,3 +136,13 @@ def test_unroll_option():
     assert Update(view, unroll=True).unrolled
     view3 = dataclasses.replace(view, local_steps=3)
     assert not Update(view3, unroll=False).unrolled
+
+
+def test_the_attack_must_know_the_batch_norm_mode():
+    # Matching an eval-mode client step with a train-mode model (or back) is wrong: the mode is
+    # part of the protocol the view carries, not a detail.
+    view, used = _federated_view(1, 1, norm=True, batch_norm="eval")
+    wrong = dataclasses.replace(view, protocol={**view.protocol, "batch_norm": "train"})
+    right = Update(view)
+    predicted = [p.detach() for p in Update(wrong)(used.inputs, used.labels)]
+    assert _relative_error(predicted, right.observed) > 0.1
