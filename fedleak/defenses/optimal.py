@@ -16,7 +16,10 @@ between backward and the optimiser step.  In FedSGD (one step) the update is the
 ``gaussian_noise`` / ``gradient_pruning`` at equal total noise power (``optimal_noise(std=k)``
 adds noise whose per-coordinate stds have RMS k, as ``gaussian_noise(std=k)`` on the gradient)
 and at equal pruned fraction (``amount``).  Estimating ‖J_j‖ costs ``samples`` extra backward
-passes per step (see ``simulations/benchmarks/optimal_defense_cost.py``).
+passes per step (see ``simulations/benchmarks/optimal_defense_cost.py``); ``refresh = R``
+amortises it over the local steps of a round, estimating at every R-th step and reusing the
+estimate in between (:class:`~fedleak.defenses._sensitivity.Amortised`; FedAvg only, since
+FedSGD takes one step a round).
 
 Differences from the authors' ``defense.py``: the ratio always uses |g_j| (their quantisation
 variant clamps the signed gradient, giving negative coordinates the maximal ratio); the prune
@@ -33,7 +36,7 @@ batch; the server sees only the resulting update and knows the defense and its o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -46,9 +49,13 @@ EPS = 1e-8  # |g_j| below this counts as this (the authors' clamp), so the ratio
 MAX_RATIO = 1e6  # cap on ‖J_j‖ / |g_j| for noise, as in the authors' code
 
 
-def _check_samples(name: str, samples: int) -> None:
+def _check_samples(name: str, samples: int, refresh: int) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"{name}: samples must be an integer >= 1, got {samples!r}")
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(
+            f"{name}: refresh must be an integer >= 1 (1 = estimate at every step), got {refresh!r}"
+        )
 
 
 @DEFENSES.register("optimal_noise")
@@ -59,11 +66,15 @@ class OptimalNoise:
     std: float = 0.01  # RMS of the per-coordinate stds: the isotropic baseline's std, in grad units
     samples: int = 10  # Gaussian directions K for estimating ‖J_j‖ (relative error ~ 1/√(2K))
     layerwise: bool = False  # one std per tensor, ∝ √(‖J_layer‖_F / ‖g_layer‖_F)
+    refresh: int = 1  # estimate ‖J_j‖ every `refresh` local steps, reuse it in between
+    _norms: _sensitivity.Amortised = field(
+        default_factory=_sensitivity.Amortised, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not self.std >= 0:  # also rejects NaN
             raise ValueError(f"optimal_noise: std must be >= 0, got {self.std}")
-        _check_samples("optimal_noise", self.samples)
+        _check_samples("optimal_noise", self.samples, self.refresh)
         if not isinstance(self.layerwise, bool):
             raise ValueError(f"optimal_noise: layerwise must be a bool, got {self.layerwise!r}")
 
@@ -73,7 +84,7 @@ class OptimalNoise:
         """``grads`` plus sensitivity-shaped Gaussian noise; all randomness from ``rng``."""
         if self.std == 0 or not grads:  # no noise: skip the Jacobian work
             return dict(grads)
-        norms = _sensitivity.row_norms(model, batch, loss_fn, grads, self.samples, rng)
+        norms = self._norms.row_norms(self.refresh, model, batch, loss_fn, grads, self.samples, rng)
         stds = self.stds(norms, grads)
         out = {}
         for name, g in grads.items():
@@ -119,11 +130,15 @@ class OptimalPruning:
     amount: float = 0.5  # fraction of coordinates zeroed, in [0, 1)
     samples: int = 10  # Gaussian directions K for estimating ‖J_j‖ (relative error ~ 1/√(2K))
     scope: Literal["global", "layer"] = "global"  # one threshold over all tensors, or per tensor
+    refresh: int = 1  # estimate ‖J_j‖ every `refresh` local steps, reuse it in between
+    _norms: _sensitivity.Amortised = field(
+        default_factory=_sensitivity.Amortised, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.amount < 1:  # also rejects NaN
             raise ValueError(f"optimal_pruning: amount must be in [0, 1), got {self.amount}")
-        _check_samples("optimal_pruning", self.samples)
+        _check_samples("optimal_pruning", self.samples, self.refresh)
         if self.scope not in ("global", "layer"):
             raise ValueError(
                 f"optimal_pruning: scope must be 'global' or 'layer', got {self.scope!r}"
@@ -135,7 +150,7 @@ class OptimalPruning:
         """``grads`` with its most data-revealing coordinates (per unit of descent) zeroed."""
         if self.amount == 0 or not grads:  # nothing to prune: skip the Jacobian work
             return dict(grads)
-        norms = _sensitivity.row_norms(model, batch, loss_fn, grads, self.samples, rng)
+        norms = self._norms.row_norms(self.refresh, model, batch, loss_fn, grads, self.samples, rng)
         names, tensors = list(grads), list(grads.values())
         scores = [score(norms[n], grads[n]) for n in names]
         if self.scope == "layer":

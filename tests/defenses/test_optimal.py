@@ -198,6 +198,8 @@ def test_keys_shapes_dtypes_kept_and_deterministic(name, options):
         ("optimal_pruning", {"amount": 1.0}, r"amount must be in \[0, 1\)"),
         ("optimal_pruning", {"samples": 0}, "samples must be"),
         ("optimal_pruning", {"scope": "tensor"}, "scope must be"),
+        ("optimal_noise", {"refresh": 0}, "refresh must be an integer >= 1"),
+        ("optimal_pruning", {"refresh": -2}, "refresh must be an integer >= 1"),
     ],
 )
 def test_bad_options_raise_naming_the_defense(name, bad, message):
@@ -233,3 +235,37 @@ def test_local_update_runs_with_the_defense(defense):
     assert any(not torch.equal(update.params[k], sent[k]) for k in sent)
     again = federation.local_update(exp, 0, 0, sent)
     assert all(torch.equal(update.params[k], again.params[k]) for k in sent)
+
+
+@pytest.mark.parametrize(
+    "defense",
+    [{"name": "optimal_noise", "std": 0.01}, {"name": "optimal_pruning", "amount": 0.5}],
+)
+def test_refresh_amortises_the_estimate_over_a_rounds_steps(defense, monkeypatch):
+    # refresh = 3 over 7 local steps: estimated at steps 1, 4 and 7, reused in between; a new
+    # round (a new model object) estimates afresh.
+    calls = []
+    real = _sensitivity.row_norms
+
+    def counted(model, *args):
+        calls.append(model)
+        return real(model, *args)
+
+    monkeypatch.setattr(_sensitivity, "row_norms", counted)
+    exp = config.load(
+        _experiment({**defense, "samples": 2, "refresh": 3})
+        | {"training": {"name": "sgd", "batch_size": 2, "local_steps": 7}}
+    )
+    sent = federation.initial_params(exp)
+    federation.local_update(exp, 0, 1, sent)
+    assert len(calls) == 3 and len({id(m) for m in calls}) == 1
+    federation.local_update(exp, 0, 2, sent)
+    assert len(calls) == 6 and calls[3] is not calls[0]
+    # refresh = 1 is the method itself: a fresh estimate at every step
+    calls.clear()
+    exp = config.load(
+        _experiment({**defense, "samples": 2})
+        | {"training": {"name": "sgd", "batch_size": 2, "local_steps": 7}}
+    )
+    federation.local_update(exp, 0, 1, sent)
+    assert len(calls) == 7
