@@ -114,6 +114,7 @@ class ServerView:
         *,
         loss_fn: LossFn = nn.functional.cross_entropy,
         lr: float = 0.1,
+        batch_norm: str | None = None,
     ) -> ServerView:
         """The view after one SGD step of ``model`` on ``batch``, without any federation.
 
@@ -121,8 +122,15 @@ class ServerView:
 
             view = ServerView.from_local_step(model, batch, task)
             reconstruction = ATTACKS["dlg"]()(view, seeding.rng(0))
+
+        The step runs in the model's current modes, or with its batch norm in ``batch_norm``
+        mode ("train" or "eval", see :func:`set_batch_norm`); the view's protocol records it.
         """
         sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if batch_norm is not None:
+            set_batch_norm(model, batch_norm)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        batch_norm = "eval" if any(not m.training for m in norms) else "train"
         model.zero_grad()
         loss = loss_fn(model(batch.inputs), batch.labels)
         names, params = zip(*model.named_parameters(), strict=True)
@@ -142,6 +150,7 @@ class ServerView:
             local_steps=1,
             batch_size=len(batch),
             loss=loss.item(),
+            protocol={"name": "sgd", "batch_norm": batch_norm},
         )
 
 
@@ -151,6 +160,22 @@ def _architecture_of(model: nn.Module) -> Callable[[], nn.Module]:
 
     template = copy.deepcopy(model)
     return lambda: copy.deepcopy(template)
+
+
+def set_batch_norm(model: nn.Module, mode: str) -> nn.Module:
+    """Train mode for ``model``, with its batch-norm layers in ``mode`` ("train" or "eval").
+
+    The batch-norm mode of a client's local step is part of the protocol: "train" normalises
+    with the batch's own statistics (the server cannot know them), "eval" with the running
+    statistics the server sent (public buffers).  Trainers and the attacks' model of the step
+    both set it through here.
+    """
+    model.train()
+    if mode == "eval":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
 
 
 @dataclass(frozen=True)

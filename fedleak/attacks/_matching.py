@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from fedleak.core import ServerView
-from fedleak.models import set_batch_norm
+from fedleak.core import ServerView, set_batch_norm
 
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]  # (parameters, inputs) -> logits
 Distance = Literal["l2", "cosine", "l2_l1"]

@@ -21,17 +21,4 @@ def classifier(model: nn.Module, who: str) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def set_batch_norm(model: nn.Module, mode: str) -> nn.Module:
-    """Train mode for ``model``, with its batch-norm layers in ``mode`` ("train" or "eval").
-
-    The server's model of the client step (attacks) calls it with the protocol's mode too.
-    """
-    model.train()
-    if mode == "eval":
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-    return model
-
-
 autoload(__name__)

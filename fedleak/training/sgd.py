@@ -23,8 +23,8 @@ from fedleak.core import (
     Setting,
     TrainingDefense,
     TrainResult,
+    set_batch_norm,
 )
-from fedleak.models import set_batch_norm
 from fedleak.training import TRAINERS
 
 
