@@ -97,6 +97,12 @@ SUMMARY_FIELDS = [
     "seconds",
     "it_per_s",
 ]
+# The client step's batch norm (fedleak.core.set_batch_norm), as the page states it.
+BATCH_NORM = {
+    "train": "train mode: the batch's own statistics, which the server does not know",
+    "eval": "eval mode: the public running statistics the server sent (breaching's "
+    "provide_public_buffers, the literature's B = 1 setting)",
+}
 QUICK = {
     "batch_sizes": [1, 2],
     "batches": 1,
@@ -132,6 +138,12 @@ def settings(args: argparse.Namespace) -> dict:
     cfg["data_root"] = str(root if root.is_absolute() else (_bench.REPO / root).resolve())
     if cfg["batches"] < 1 or cfg["steps"] < 1 or not cfg["batch_sizes"]:
         raise SystemExit("vision_attacks: need batches >= 1, steps >= 1 and some batch sizes")
+    cfg.setdefault("batch_norm", "train")
+    if cfg["batch_norm"] not in BATCH_NORM:
+        raise SystemExit(
+            f"vision_attacks: batch_norm {cfg['batch_norm']!r} unknown; use one of "
+            f"{', '.join(BATCH_NORM)}"
+        )
     bad = [s for s in cfg["states"] if s not in ("untrained", "trained")]
     if bad:
         raise SystemExit(f"vision_attacks: states {bad} unknown; use untrained and/or trained")
@@ -192,7 +204,7 @@ def base_models(cfg: dict, pool: Batch | None, out: Path) -> dict[str, nn.Module
         model = untrained(cfg)
         if state == "trained":
             model.load_state_dict(trained_state(cfg, pool, out))
-        models[state] = model.train()  # the client trains (and the attack predicts) in train mode
+        models[state] = model  # the view sets the client step's modes (batch_norm)
     return models
 
 
@@ -223,7 +235,9 @@ def trained_state(cfg: dict, pool: Batch | None, out: Path) -> dict:
     return model.state_dict()
 
 
-def server_view(base: nn.Module, spec: dict, batch: Batch, rng: torch.Generator) -> ServerView:
+def server_view(
+    base: nn.Module, spec: dict, batch: Batch, rng: torch.Generator, batch_norm: str
+) -> ServerView:
     """The view of one FedSGD step on ``batch``, after the attack's modifier (if any)."""
     model = copy.deepcopy(base)
     secrets = {}
@@ -232,7 +246,7 @@ def server_view(base: nn.Module, spec: dict, batch: Batch, rng: torch.Generator)
         model = modifier.architecture(model)
         params, secrets = modifier(dict(model.state_dict()), 1, rng)
         model.load_state_dict(params)
-    view = ServerView.from_local_step(model.train(), batch, TASK)
+    view = ServerView.from_local_step(model, batch, TASK, batch_norm=batch_norm)
     return dataclasses.replace(view, secrets=secrets)
 
 
@@ -262,7 +276,8 @@ def run_one(cfg, name, state, size, k, base, images, out) -> dict:
     picked = list(range(k * size, (k + 1) * size))
     batch = Batch(images.inputs[picked], images.labels[picked])
     seed = cfg["seed"]
-    view = server_view(base, spec, batch, seeding.rng(seed, "modifier", name, state, size, k))
+    rng = seeding.rng(seed, "modifier", name, state, size, k)
+    view = server_view(base, spec, batch, rng, cfg["batch_norm"])
     attack = attack_of(spec, cfg["steps"])
     start = time.perf_counter()
     reconstruction = attack(view, seeding.rng(seed, "attack", name, state, size, k))
@@ -348,6 +363,10 @@ def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> s
         f"Machine: {os.cpu_count()} cores (load average {facts['load']} at the start of the "
         f"last run, {_bench.load_average()} now), torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads); {facts['provenance']}.",
+        "",
+        "Threat model: an honest-but-curious server (malicious where a row has a modifier) "
+        "that knows the architecture and the weights it sent attacks one FedSGD step; the "
+        f"client's batch norm runs in {BATCH_NORM[cfg['batch_norm']]}.",
         "",
         f"Data: {facts['images']}; model: {cfg['model']} (untrained, and trained "
         f"{cfg['training']['epochs']} epoch(s) of SGD on {facts['pool']}); one FedSGD step "
