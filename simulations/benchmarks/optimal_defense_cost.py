@@ -6,15 +6,18 @@ optimiser step) on a batch of 8 random 32x32x3 images with 10 classes, for
 * ``plain``            no defense;
 * ``optimal_noise``    K = 10 directions for ‖J_j‖ (``fedleak.defenses.optimal``);
 * ``optimal_pruning``  K = 10, amount 0.5;
+* both again with ``refresh = 4`` (the amortised mode: the estimate at every 4th step);
 
 on the ConvNet (width 16, batch norm in train mode, as the trainer runs it) and DLG's LeNet.
-The variants alternate step by step after a warm-up; the table gives the median ms per step and
-the ratio to ``plain``.  Target: <= 10x at K = 10.  The authors' code (K = 10
-``torch.autograd.functional.jvp`` calls, each redoing the forward pass) ran 30-50x slower than
-their undefended step (Paper B notes, section 3.5).
+The variants alternate step by step after a warm-up; the table gives the mean ms per step over
+whole refresh cycles and the ratio to ``plain``, and the amortised mode's estimate error.
+Target: <= 10x at K = 10.  The authors' code (K = 10 ``torch.autograd.functional.jvp`` calls,
+each redoing the forward pass) ran 30-50x slower than their undefended step (Paper B notes,
+section 3.5).  The defense's privacy and utility in both modes:
+``privacy_utility/optimal_amortised.toml`` (a ``fedleak bench`` sweep).
 
-    .venv/bin/python simulations/benchmarks/optimal_defense_cost.py          # 25 steps each
-    .venv/bin/python simulations/benchmarks/optimal_defense_cost.py --quick  # 3 steps each
+    .venv/bin/python simulations/benchmarks/optimal_defense_cost.py          # 24 steps each
+    .venv/bin/python simulations/benchmarks/optimal_defense_cost.py --quick  # 4 steps each
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from fedleak import seeding
 from fedleak.core import Batch, Task
-from fedleak.defenses import DEFENSES
+from fedleak.defenses import DEFENSES, _sensitivity
 from fedleak.models import MODELS
 from fedleak.training.sgd import _defend_gradients
 
@@ -43,10 +46,23 @@ MODEL_SPECS = {
     "convnet (width 16, batch norm)": lambda: MODELS["convnet"](width=16, norm="batch"),
     "lenet": lambda: MODELS["lenet"](),
 }
+REFRESH = 4  # the amortised mode: the estimate at every 4th local step, reused in between
 DEFENSE_SPECS = {
     "plain": None,
     "optimal_noise": {"name": "optimal_noise", "std": 0.01, "samples": SAMPLES},
     "optimal_pruning": {"name": "optimal_pruning", "amount": 0.5, "samples": SAMPLES},
+    f"optimal_noise, refresh {REFRESH}": {
+        "name": "optimal_noise",
+        "std": 0.01,
+        "samples": SAMPLES,
+        "refresh": REFRESH,
+    },
+    f"optimal_pruning, refresh {REFRESH}": {
+        "name": "optimal_pruning",
+        "amount": 0.5,
+        "samples": SAMPLES,
+        "refresh": REFRESH,
+    },
 }
 
 
@@ -60,6 +76,51 @@ def step(model, optimizer, batch, defense, rng) -> None:
     optimizer.step()
 
 
+def batches(count: int, seed: int) -> list[Batch]:
+    """``count`` batches of random images: a round's mini-batches differ from step to step."""
+    g = seeding.rng(seed, "bench")
+    return [
+        Batch(
+            torch.randn((BATCH, *TASK.input_shape), generator=g),
+            torch.randint(0, 10, (BATCH,), generator=g),
+        )
+        for _ in range(count)
+    ]
+
+
+def staleness(model: nn.Module, steps: int) -> tuple[float, float]:
+    """How far the amortised noise stds are from recomputed ones, over one round of ``steps``.
+
+    At every step where the amortised mode reuses its estimate, the per-coordinate noise std
+    from the reused estimate and from a fresh one are compared (relative RMS difference); so
+    are two independent fresh estimates, the sampling error any K = SAMPLES estimate has.
+    Returns the means over the reused steps: (staleness, sampling floor).
+    """
+    defense = DEFENSES.build(DEFENSE_SPECS["optimal_noise"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    rng, stale, floor, kept = seeding.rng(0, "staleness"), [], [], None
+    for i, batch in enumerate(batches(steps, 1)):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(batch.inputs), batch.labels).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        loss = nn.functional.cross_entropy
+
+        def stds(norms, grads=grads):
+            return torch.cat([s.flatten() for s in defense.stds(norms, grads).values()])
+
+        fresh = _sensitivity.row_norms(model, batch, loss, grads, SAMPLES, rng)
+        if i % REFRESH == 0:
+            kept = fresh
+        else:
+            again = _sensitivity.row_norms(model, batch, loss, grads, SAMPLES, rng)
+            reference = stds(fresh)
+            scale = reference.square().mean().sqrt()
+            stale.append(float((stds(kept) - reference).square().mean().sqrt() / scale))
+            floor.append(float((stds(again) - reference).square().mean().sqrt() / scale))
+        optimizer.step()
+    return statistics.fmean(stale), statistics.fmean(floor)
+
+
 def measure(steps: int, warmup: int) -> list[dict]:
     rows = []
     for model_name, spec in MODEL_SPECS.items():
@@ -67,24 +128,27 @@ def measure(steps: int, warmup: int) -> list[dict]:
             model = spec()(TASK)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-        g = seeding.rng(0, "bench")
-        batch = Batch(
-            torch.randn((BATCH, *TASK.input_shape), generator=g),
-            torch.randint(0, 10, (BATCH,), generator=g),
-        )
+        round_batches = batches(REFRESH, 0)
         defenses = {k: v and DEFENSES.build(v) for k, v in DEFENSE_SPECS.items()}
         rng = seeding.rng(0, "defense")
         times = {k: [] for k in defenses}
         for i in range(warmup + steps):
+            batch = round_batches[i % REFRESH]
             for name, defense in defenses.items():  # alternate, so load drifts hit all alike
                 start = time.perf_counter()
                 step(model, optimizer, batch, defense, rng)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
         params = sum(p.numel() for p in model.parameters())
-        plain = statistics.median(times["plain"])
+        # Means over whole refresh cycles: an amortised step costs a full estimate every
+        # REFRESH-th step and almost nothing in between, so a median would hide the estimate.
+        plain = statistics.fmean(times["plain"])
+        stale, floor = staleness(model, 2 * REFRESH)
         for name, ts in times.items():
-            median = statistics.median(ts)
+            mean = statistics.fmean(ts)
+            spec = DEFENSE_SPECS[name] or {}
+            # the std error is the noise defense's: pruning's reused estimate moves its mask
+            amortised = spec.get("refresh", 1) > 1 and spec["name"] == "optimal_noise"
             rows.append(
                 {
                     "model": model_name,
@@ -92,8 +156,10 @@ def measure(steps: int, warmup: int) -> list[dict]:
                     "defense": name,
                     "samples": SAMPLES if name != "plain" else 0,
                     "steps": len(ts),
-                    "ms_per_step": round(1000 * median, 2),
-                    "ratio_to_plain": round(median / plain, 2),
+                    "ms_per_step": round(1000 * mean, 2),
+                    "ratio_to_plain": round(mean / plain, 2),
+                    "std_error": round(stale, 4) if amortised else "",
+                    "std_error_floor": round(floor, 4) if amortised else "",
                 }
             )
     return rows
@@ -104,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    steps, warmup = (3, 1) if args.quick else (25, 3)
+    steps, warmup = (REFRESH, REFRESH) if args.quick else (6 * REFRESH, REFRESH)
     load = os.getloadavg()
     rows = measure(steps, warmup)
     load_end = os.getloadavg()
@@ -124,17 +190,24 @@ def main(argv: list[str] | None = None) -> None:
         "because the variants alternate step by step.",
         "",
         f"One local step (forward, backward, defense, SGD step) on a batch of {BATCH} random "
-        f"32x32x3 images, 10 classes; K = {SAMPLES} directions for ‖J_j‖ (one shared forward and "
-        "backward to the inputs, then one double-backward pass per direction); "
-        f"median of {steps} steps after {warmup} warm-up steps. "
+        f"32x32x3 images (a round's {REFRESH} mini-batches, in turn), 10 classes; K = "
+        f"{SAMPLES} directions for ‖J_j‖ (one shared forward and backward to the inputs, then one "
+        f"double-backward pass per direction); mean of {steps} steps after {warmup} warm-up "
+        f"steps. `refresh {REFRESH}`: the estimate at every {REFRESH}th step, reused in between. "
         f"Target: <= 10x plain at K = {SAMPLES}; the authors' code: 30-50x.",
         "",
-        "| model | parameters | defense | ms / step | ratio to plain |",
-        "|---|---|---|---|---|",
+        "Estimate error of the amortised mode (optimal_noise, one round of "
+        f"{2 * REFRESH} steps on fresh batches): at each step that reuses the estimate, the "
+        "relative RMS difference of the per-coordinate noise stds from a recomputed estimate "
+        "(`std error`), next to that of two independent recomputed estimates (`floor`: the "
+        f"sampling error of any K = {SAMPLES} estimate).",
+        "",
+        "| model | parameters | defense | ms / step | ratio to plain | std error | floor |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['model']} | {r['parameters']} | {r['defense']} | {r['ms_per_step']:.1f} "
-        f"| {r['ratio_to_plain']:.2f} |"
+        f"| {r['ratio_to_plain']:.2f} | {r['std_error'] or '—'} | {r['std_error_floor'] or '—'} |"
         for r in rows
     ]
     page = "\n".join(lines) + "\n"
