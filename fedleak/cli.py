@@ -126,6 +126,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     md, png = report.render(args.dir, args.drops)
     print(f"report: {md}\nplot:   {png}")
+    # The report covers finished cells; say which are not, and why (a dead writer included).
+    cells = sorted((Path(args.dir) / "cells").glob("*/meta.json"))
+    unfinished = {m.parent.name: RunStore(m.parent).status() for m in cells}
+    if pending := {cell: status for cell, status in unfinished.items() if status != "done"}:
+        listed = ", ".join(f"{cell} ({status})" for cell, status in pending.items())
+        print(f"not in the report: {listed}", file=sys.stderr)
 
 
 def _flower_log(verbose: bool) -> None:

@@ -137,3 +137,23 @@ def test_attack_refuses_a_run_that_is_still_being_written(tmp_path, tiny, capsys
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_report_names_the_cells_it_leaves_out(tmp_path, tiny, capsys):
+    import tomli_w
+
+    sweep = {
+        "name": "tiny",
+        "base": tiny(rounds=1, observe={"rounds": [1], "clients_per_round": 1}),
+        "defense": [{"name": "gaussian_noise", "vary": "std", "values": [0.1]}],
+    }
+    path = tmp_path / "sweep.toml"
+    path.write_text(tomli_w.dumps(sweep))
+    out = tmp_path / "out"
+    assert cli.main(["bench", str(path), "--out", str(out)]) == 0
+    cell = RunStore(out / "cells" / "gaussian_noise-0.1-s0")
+    cell.mark_running()
+    cell.update_meta(pid=999999999)  # a writer that is gone
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    assert "not in the report: gaussian_noise-0.1-s0 (interrupted)" in capsys.readouterr().err
