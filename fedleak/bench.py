@@ -144,7 +144,9 @@ class Sweep:
                 }
                 for a in self.axes
             ],
-            "base": {k: v for k, v in reference.items() if k not in ("name", "seed")},
+            # The device is where the cells run, not which experiment they are: a sweep may be
+            # resumed on another machine's device.
+            "base": {k: v for k, v in reference.items() if k not in ("name", "seed", "device")},
         }
 
 

@@ -50,6 +50,7 @@ from fedleak.core import (
 )
 from fedleak.data import DATASETS, PARTITIONS
 from fedleak.defenses import DEFENSES
+from fedleak.device import resolve as resolve_device
 from fedleak.models import MODELS
 from fedleak.modifiers import MODIFIERS
 from fedleak.registry import ConfigError, Registry, construct, suggest
@@ -69,8 +70,11 @@ class Federation:
     # The run stops as "diverged" when the global test loss exceeds this multiple of its value
     # before round 1 (a NaN/inf model or update always stops it); 0 = only on NaN/inf.
     divergence_ratio: float = 1000.0
+    # Where clients train and attacks run: cpu | cuda | cuda:N | mps | auto (fedleak.device).
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # an unavailable device fails when the file loads
         # The name is a directory under runs/: one path component, so that a run can only go
         # elsewhere through --out.
         if self.name in ("", ".", "..") or any(c in "/\\" or c < " " for c in self.name):
@@ -161,6 +165,11 @@ class Experiment:
     def toml(self) -> str:
         """The resolved experiment as TOML text (reloads to an identical experiment)."""
         return tomli_w.dumps(self.resolved)
+
+    @property
+    def device(self) -> torch.device:
+        """The device clients train and attacks run on (``auto`` resolved on this machine)."""
+        return resolve_device(self.federation.device)
 
     @property
     def update_defenses(self) -> tuple[UpdateDefense, ...]:

@@ -27,7 +27,7 @@ error; the knowledge of what a plugin needs stays in the plugin.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -55,9 +55,9 @@ class Task:
         if self.modality != "image":
             raise ValueError(f"to_pixels is for images; this task's modality is {self.modality!r}")
         shape = (1, -1, 1, 1)
-        mean = torch.tensor(self.mean or (0.0,), dtype=inputs.dtype).view(shape)
-        std = torch.tensor(self.std or (1.0,), dtype=inputs.dtype).view(shape)
-        return (inputs * std + mean).clamp(0, 1)
+        mean = torch.tensor(self.mean or (0.0,), dtype=inputs.dtype, device=inputs.device)
+        std = torch.tensor(self.std or (1.0,), dtype=inputs.dtype, device=inputs.device)
+        return (inputs * std.view(shape) + mean.view(shape)).clamp(0, 1)
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,10 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """These examples on ``device`` (tensors already there are not copied)."""
+        return Batch(self.inputs.to(device), self.labels.to(device))
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,21 @@ class ServerView:
     loss: float = float("nan")  # training loss the client reports
     protocol: Mapping[str, Any] = field(default_factory=dict)  # trainer name and options
     secrets: Secrets = field(default_factory=dict)  # empty for an honest server
+
+    def to(self, device: torch.device | str) -> ServerView:
+        """This view with its tensors (sent, received, secrets) and its models on ``device``.
+
+        The pipeline moves each stored view to the experiment's device before attacking it, so
+        an attack works on the device of the view it is given.
+        """
+        build = self.build_model
+        return replace(
+            self,
+            build_model=lambda: build().to(device),
+            sent=_moved(self.sent, device),
+            received=_moved(self.received, device),
+            secrets=_moved(self.secrets, device),
+        )
 
     def model(self) -> nn.Module:
         """A fresh copy of the global model as sent; the caller may do anything with it."""
@@ -154,6 +173,10 @@ class ServerView:
         )
 
 
+def _moved(tensors: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _architecture_of(model: nn.Module) -> Callable[[], nn.Module]:
     """A builder of fresh copies of ``model`` (weights are overwritten by ``view.model()``)."""
     import copy
@@ -209,6 +232,15 @@ class Reconstruction:
     # sent model (directions only, sign and order free); metrics compare them with the true ones.
     features: Tensor | None = None
     feature_layer: str = ""
+
+    def to(self, device: torch.device | str) -> Reconstruction:
+        """This reconstruction with its tensors on ``device`` (metrics score on the CPU)."""
+        return replace(
+            self,
+            inputs=self.inputs.to(device),
+            labels=None if self.labels is None else self.labels.to(device),
+            features=None if self.features is None else self.features.to(device),
+        )
 
 
 @runtime_checkable

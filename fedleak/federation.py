@@ -11,7 +11,7 @@ reused without a federation runtime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,14 +67,16 @@ def initial_params(exp: Experiment) -> Params:
 
 @torch.no_grad()
 def evaluate(exp: Experiment, params: Params, batch_size: int = 512) -> dict[str, float]:
-    """Global test loss and accuracy of ``params``."""
-    model = exp.build_model()
+    """Global test loss and accuracy of ``params``, computed on the experiment's device."""
+    device = exp.device
+    model = exp.build_model().to(device)
     model.load_state_dict(params)
     model.eval()
     test = exp.dataset().test
     loss, correct = 0.0, 0
     for start in range(0, len(test), batch_size):
         x, y = test.inputs[start : start + batch_size], test.labels[start : start + batch_size]
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss += float(exp.loss_fn(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
@@ -95,22 +97,32 @@ class Update:
 
 
 def local_update(exp: Experiment, client: int, round: int, sent: Params) -> Update:
-    """Everything a client does in one round: train, then defend what it sends."""
-    model = exp.build_model()
+    """Everything a client does in one round: train, then defend what it sends.
+
+    Training and defenses run on the experiment's device; the reply (its state and the
+    examples it used) comes back on the CPU, for Flower's serialisation and the run directory.
+    """
+    device = exp.device
+    model = exp.build_model().to(device)
     model.load_state_dict(sent)
     result = exp.trainer.fit(
         model,
-        exp.client_data(client),
+        exp.client_data(client).to(device),
         exp.loss_fn,
         seeding.rng(exp.seed, "train", client, round),
         exp.training_defenses,
     )
+    result = replace(result, used=result.used.to("cpu"))
     state = model.state_dict()
-    delta = {k: state[k].detach() - v for k, v in sent.items() if v.is_floating_point()}
+    start = {k: v.to(device) for k, v in sent.items()}
+    delta = {k: state[k].detach() - v for k, v in start.items() if v.is_floating_point()}
     rng = seeding.rng(exp.seed, "defense", client, round)
     for defense in exp.update_defenses:
         delta = defense(delta, rng)
-    params = {k: sent[k] + delta[k] if k in delta else v.detach().clone() for k, v in state.items()}
+    params = {
+        k: (start[k] + delta[k] if k in delta else v.detach().clone()).cpu()
+        for k, v in state.items()
+    }
     if bad := non_finite(params):
         # Raised, so the runtime reports a failed client and the server leaves it out: a NaN
         # update averaged in would poison the global model.

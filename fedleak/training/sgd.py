@@ -83,8 +83,12 @@ class SGD:
         size = min(self.batch_size or n, n)
         per_epoch = math.ceil(n / size)
         steps = self.planned_steps(n)
+        device = data.labels.device
         order = torch.cat(
-            [torch.randperm(n, generator=rng) for _ in range(math.ceil(steps / per_epoch))]
+            [
+                torch.randperm(n, generator=rng).to(device)
+                for _ in range(math.ceil(steps / per_epoch))
+            ]
         )
         chunks = []
         for step in range(steps):
@@ -158,7 +162,7 @@ def _first_use(batches: list[Batch]) -> Batch:
     labels = torch.cat([b.labels for b in batches])
     flat = inputs.reshape(len(inputs), -1)
     _, inverse = torch.unique(flat, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), len(flat), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(flat)), reduce="amin")
+    first = torch.full((int(inverse.max()) + 1,), len(flat), dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(flat), device=flat.device), reduce="amin")
     keep = first.sort().values
     return Batch(inputs[keep], labels[keep])
