@@ -67,7 +67,7 @@ from fedleak.defenses import DEFENSES
 from fedleak.registry import ConfigError, suggest
 from fedleak.store import RunStore, process_alive
 
-log = logging.getLogger("fedleak")
+log = logging.getLogger(__name__)  # fedleak.bench: its cell lines are the progress
 
 SWEEP_KEYS = ("name", "description", "base", "seeds", "defense")
 AXIS_KEYS = ("name", "vary", "values", "options", "label")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedleak import config, pipeline
+from fedleak import config, pipeline, progress
 from fedleak.federation import Diverged
 from fedleak.metrics import HEADLINE
 from fedleak.registry import ConfigError
@@ -66,7 +66,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     """Load, check, federate, attack, and print the summary."""
     exp = config.load(args.config, args.override or [])
     _flower_log(args.verbose)
-    store = pipeline.run(exp, args.out)
+    out = args.out or pipeline.default_dir(exp)  # known before the run: the display follows it
+    with progress.Watch(exp, out):
+        store = pipeline.run(exp, out)
     print(summary(store))
     print(f"\nrun directory: {store.root}")
 
@@ -106,7 +108,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # never do here); in a sweep of thousands of steps that buries the progress lines.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     _flower_log(args.verbose)
-    failed = bench.run(sweep, out)
+    with progress.SweepWatch(Path(out), len(cells)):
+        failed = bench.run(sweep, out)
     md, png = report.render(out, args.drops)
     print(f"results: {Path(out) / 'results.csv'}\nreport:  {md}\nplot:    {png}")
     if failed:
@@ -164,10 +167,15 @@ def summary(store: RunStore) -> str:
     return "\n".join(lines)
 
 
+VERBOSE = "print every round and attack (they always go to the run's run.log) and Flower's log"
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(prog="fedleak", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="also show Flower's own log")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
+    # also after the command (fedleak run X -v); SUPPRESS keeps the top-level flag's value
+    verbose = {"action": "store_true", "default": argparse.SUPPRESS, "help": VERBOSE}
     sub = p.add_subparsers(dest="command", required=True)
     lst = sub.add_parser("list", help="list registered attacks, defenses, models, ...")
     lst.add_argument("kind", nargs="?", help="one kind, e.g. attacks")
@@ -178,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
         "-o", "--override", action="append", metavar="KEY=VALUE", help="dotted.key=value"
     )
     run.add_argument("--out", type=Path, help="run directory (default runs/<name>/<timestamp>)")
+    run.add_argument("-v", "--verbose", **verbose)
     run.set_defaults(func=cmd_run)
     att = sub.add_parser("attack", help="(re-)attack the stored views of a run directory")
     att.add_argument("run_dir", type=Path)
@@ -209,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="sweep directory (default runs/bench/<name>); rerun to resume"
     )
     ben.add_argument("--dry-run", action="store_true", help="check the sweep, list its cells")
+    ben.add_argument("-v", "--verbose", **verbose)
     ben.add_argument(
         "--threads",
         type=int,
@@ -228,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedleak`` console script."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    progress.terminal(args.verbose)
     try:
         code = args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ImportError) as err:

@@ -50,12 +50,13 @@ def run(exp: Experiment, out: str | Path | None = None) -> RunStore:
         versions=_versions(),
     )
     try:
-        execute(exp, store)
-        if why := store.meta().get("diverged"):
-            raise Diverged(f"{why} (run directory: {store.root})")
-        if (privacy := accounting(exp)) is not None:  # DP-SGD: each client's ε over the run
-            store.update_meta(dpsgd=privacy)
-        attack(exp, store)
+        with store.log_file():
+            execute(exp, store)
+            if why := store.meta().get("diverged"):
+                raise Diverged(f"{why} (run directory: {store.root})")
+            if (privacy := accounting(exp)) is not None:  # DP-SGD: each client's ε over the run
+                store.update_meta(dpsgd=privacy)
+            attack(exp, store)
     except Diverged as err:
         store.update_meta(status="diverged", error=str(err))
         raise
@@ -83,9 +84,10 @@ def resume(exp: Experiment, store: RunStore) -> None:
     store.mark_running()
     started = time.monotonic()
     try:
-        if "dpsgd" not in meta and (privacy := accounting(exp)) is not None:
-            store.update_meta(dpsgd=privacy)
-        attack(exp, store)
+        with store.log_file():
+            if "dpsgd" not in meta and (privacy := accounting(exp)) is not None:
+                store.update_meta(dpsgd=privacy)
+            attack(exp, store)
     except BaseException as err:
         store.update_meta(status="failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -95,7 +97,11 @@ def resume(exp: Experiment, store: RunStore) -> None:
 
 
 def attack(exp: Experiment, store: RunStore) -> None:
-    """Run every attack on every stored view; append one scored row per result."""
+    """Run every attack on every stored view; append one scored row per result.
+
+    Attacks run on the experiment's device (the view moved there), scoring on the CPU.
+    """
+    device = exp.device
     done = {(r["round"], r["client"], r["attack_index"]) for r in store.rows("results.csv")}
     images = store.root / "images"
     images.mkdir(exist_ok=True)
@@ -109,12 +115,13 @@ def attack(exp: Experiment, store: RunStore) -> None:
             )
             continue
         truth = store.truth(view.round, view.client)
+        on_device = view.to(device)
         for index, attack in enumerate(exp.attacks):
             if (str(view.round), str(view.client), str(index)) in done:
                 continue
             rng = seeding.rng(exp.seed, "attack", index, view.round, view.client)
             start = time.monotonic()
-            reconstruction = attack(view, rng)
+            reconstruction = attack(on_device, rng).to("cpu")
             seconds = time.monotonic() - start
             scores = metrics.score(reconstruction, truth, view.task, view=view)
             store.append_row(

@@ -6,6 +6,7 @@ hands Python objects back: it writes them here, and attacks read them back after
 Layout::
 
     config.toml            the resolved experiment (the only input a run needs)
+    run.log                every log line of the run (rounds, failed clients, attacks)
     meta.json              status ("running" | "done" | "failed" | "diverged"; a dead writer
                            reads "interrupted"), its pid and host, versions, runner, wall time
     sent/r0001.pt          global state sent in an observed round (after modifiers) + secrets
@@ -21,9 +22,11 @@ are produced, so a run that dies keeps everything it finished.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -114,6 +117,30 @@ class RunStore:
             return []
         with path.open(newline="") as f:
             return list(csv.DictReader(f))
+
+    @contextlib.contextmanager
+    def log_file(self) -> Iterator[None]:
+        """Append everything logger ``fedleak`` says meanwhile to ``run.log`` in the run.
+
+        Whichever process writes the run (the ServerApp may run in another one) logs there;
+        a process that already logs to this file is not attached twice.
+        """
+        path = (self.root / "run.log").resolve()
+        logger = logging.getLogger("fedleak")
+        if any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # the file keeps every round, whatever the terminal
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
 
     # -- meta -------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:

@@ -272,11 +272,13 @@ class Observed(Strategy):
         self.record(server_round, captured, len(replies), losses)
         return self.inner.aggregate_train(server_round, ok)
 
-    def configure_evaluate(self, server_round, arrays, config, grid):  # noqa: D102
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        """No federated evaluation: the server evaluates the global model itself (evaluate)."""
+        return []
 
-    def aggregate_evaluate(self, server_round, replies):  # noqa: D102
-        return self.inner.aggregate_evaluate(server_round, replies)
+    def aggregate_evaluate(self, server_round, replies):
+        """Nothing to aggregate: no client is asked to evaluate."""
+        return None
 
     def summary(self) -> None:  # noqa: D102
         self.inner.summary()
@@ -327,34 +329,37 @@ def serve(grid: Grid, context, exp: Experiment, store: RunStore, discover: bool)
     Under ``secure_aggregation`` with ``protocol = "secaggplus"`` the same :class:`Observed`
     runs inside Flower's legacy SecAgg+ workflow instead (:mod:`fedleak.sim.secaggplus`).
     """
+    # fraction_evaluate keeps Flower's default: Observed asks for no federated evaluation
+    # (configure_evaluate), and 0.0 here made FedAvg warn that it skips it, at every run.
     strategy = Observed(
-        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1),
         exp,
         store,
         discover,
     )
     store.update_meta(server="running")
     secure = exp.secure_aggregation
-    try:
-        if getattr(secure, "protocol", "simulated") == "secaggplus":
-            # Imported here: the legacy stack (and its deprecation warnings) only when asked for.
-            from fedleak.sim import secaggplus
+    with store.log_file():  # also when the ServerApp runs in a process of its own
+        try:
+            if getattr(secure, "protocol", "simulated") == "secaggplus":
+                # Imported here: the legacy stack (and its deprecation warnings) only if asked.
+                from fedleak.sim import secaggplus
 
-            secaggplus.serve(grid, context, strategy)
-        else:
-            strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(federation.initial_params(exp)),
-                num_rounds=exp.federation.rounds,
-                train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
-                evaluate_fn=strategy.evaluate,
-            )
-    except federation.Diverged as err:
-        # A result, recorded where every runner's caller reads it (the ServerApp may run in
-        # another process, whose exceptions do not reach fedleak).
-        log.info("the federation diverged: %s", err)
-        store.update_meta(server="diverged", diverged=str(err))
-        return
+                secaggplus.serve(grid, context, strategy)
+            else:
+                strategy.start(
+                    grid=grid,
+                    initial_arrays=ArrayRecord(federation.initial_params(exp)),
+                    num_rounds=exp.federation.rounds,
+                    train_config=ConfigRecord({CONFIG_KEY: exp.toml()}),
+                    evaluate_fn=strategy.evaluate,
+                )
+        except federation.Diverged as err:
+            # A result, recorded where every runner's caller reads it (the ServerApp may run
+            # in another process, whose exceptions do not reach fedleak).
+            log.info("the federation diverged: %s", err)
+            store.update_meta(server="diverged", diverged=str(err))
+            return
     store.update_meta(server="done")
 
 
