@@ -109,6 +109,11 @@ class ServerView:
             secrets=_moved(self.secrets, device),
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the view's tensors live: what an attack on it computes on."""
+        return next(iter(self.sent.values())).device if self.sent else torch.device("cpu")
+
     def model(self) -> nn.Module:
         """A fresh copy of the global model as sent; the caller may do anything with it."""
         model = self.build_model()

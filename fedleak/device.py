@@ -42,7 +42,7 @@ def resolve(name: str) -> torch.device:
         if index >= count:
             have = f"{count} CUDA device(s)" if count else "no CUDA device (or a CPU-only torch)"
             raise ValueError(
-                f"device = {name!r}, but this machine has {have}; use device = \"cpu\" or "
+                f'device = {name!r}, but this machine has {have}; use device = "cpu" or '
                 '"auto", or install a CUDA build of torch (make install TORCH=)'
             )
         return torch.device(name)

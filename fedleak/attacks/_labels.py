@@ -75,7 +75,7 @@ def _first(ranking: Tensor, count: int) -> Tensor:
 
     A batch may hold more examples than there are classes; then some classes repeat.
     """
-    return ranking[torch.arange(count) % len(ranking)]
+    return ranking[torch.arange(count, device=ranking.device) % len(ranking)]
 
 
 def _two_stage(scores: Tensor, count: int, impact_scale: float) -> Tensor:
@@ -89,4 +89,4 @@ def _two_stage(scores: Tensor, count: int, impact_scale: float) -> Tensor:
         choice = int(scores.argmin())
         picked.append(choice)
         scores[choice] -= impact  # the picked class, not a stale index (breaching's bug)
-    return torch.tensor(picked)
+    return torch.tensor(picked, device=scores.device)

@@ -155,9 +155,7 @@ def distance(
     """
     if kind not in DISTANCES:
         raise ValueError(f"distance {kind!r} unknown; choose one of {DISTANCES}")
-    if weights is None:
-        weights = torch.ones(len(predicted), dtype=torch.float64)
-    w = [float(x) for x in weights]
+    w = [1.0] * len(predicted) if weights is None else [float(x) for x in weights]
     if kind == "cosine":
         dot = sum(wi * (p * o).sum() for wi, p, o in zip(w, predicted, observed, strict=True))
         pp = sum(wi * p.pow(2).sum() for wi, p in zip(w, predicted, strict=True))

@@ -80,6 +80,7 @@ def deep_image_prior(
     width: int = 32,
     noise: int = 8,
     scale: float = 1.0,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[Tensor], Callable[[], Tensor]]:
     """A fresh U-Net prior for ``size`` images of ``task``: the leaves to optimise and ``G(ζ)``.
 
@@ -92,6 +93,7 @@ def deep_image_prior(
         scale: the weights are ``scale · leaf``.  An optimiser that takes steps of a fixed size
             on the leaves (Adam, signed or not) then moves the weights ``scale`` times as far, so
             the caller sets the generator's effective step size without its own optimiser.
+        device: where the network, ``ζ`` and the leaves live (drawn on the CPU, then moved).
 
     Returns:
         ``(leaves, images)``: the parameters to optimise (weights divided by ``scale``), and a
@@ -111,16 +113,18 @@ def deep_image_prior(
     channels, height, side = task.input_shape
     with torch.device("meta"):  # no draw from the global RNG: weights are set from rng below
         net = UNet(noise, channels, width)
-    net = net.to_empty(device="cpu")
+    net = net.to_empty(device=device)
     leaves = {}
     for prefix, module in net.named_modules():
         if isinstance(module, nn.Conv2d):
             # PyTorch's default for convolutions (Kaiming uniform, a = √5; bias U(±1/√fan_in)),
             # drawn from rng instead of the global generator.
-            weight = torch.empty_like(module.weight)
+            # Drawn on the CPU, where the generator lives, then moved.
+            weight = torch.empty_like(module.weight, device="cpu")
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=rng)
+            weight = weight.to(device)
             bound = 1 / math.sqrt(module.weight[0].numel())
-            bias = (torch.rand(module.bias.shape, generator=rng) * 2 - 1) * bound
+            bias = (torch.rand(module.bias.shape, generator=rng).to(device) * 2 - 1) * bound
         elif isinstance(module, nn.GroupNorm):
             weight, bias = torch.ones_like(module.weight), torch.zeros_like(module.bias)
         else:
@@ -128,9 +132,9 @@ def deep_image_prior(
         leaves[f"{prefix}.weight"] = (weight / scale).requires_grad_()
         leaves[f"{prefix}.bias"] = (bias / scale).requires_grad_()
     # DIP's input: uniform noise of small amplitude (1/10), fixed during the optimisation.
-    zeta = torch.rand((size, noise, height, side), generator=rng) * 0.1
-    mean = torch.tensor(task.mean or (0.0,) * channels).view(1, -1, 1, 1)
-    std = torch.tensor(task.std or (1.0,) * channels).view(1, -1, 1, 1)
+    zeta = torch.rand((size, noise, height, side), generator=rng).to(device) * 0.1
+    mean = torch.tensor(task.mean or (0.0,) * channels, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(task.std or (1.0,) * channels, device=device).view(1, -1, 1, 1)
 
     def images() -> Tensor:
         weights = {name: leaf * scale for name, leaf in leaves.items()}

@@ -275,7 +275,9 @@ class _Moments:
             else:
                 g = source.data  # (1/m) Σ_j g_j (ξ_j ξ_jᵀ - I)
                 matrix = ((xi * g[:, None]).T @ xi / self.m).double()
-                matrix -= float(g.mean()) * torch.eye(xi.shape[1], dtype=torch.float64)
+                matrix -= float(g.mean()) * torch.eye(
+                    xi.shape[1], dtype=torch.float64, device=xi.device
+                )
             self._matrices[id(source)] = matrix
         return self._matrices[id(source)]
 
@@ -316,11 +318,12 @@ class _Moments:
         basis concentrate them on the features.
         """
         d, probes = self.xi.shape[1], _PROBES * count + 8
-        image = self._image(order, torch.randn(d, probes, generator=rng, dtype=torch.float64))
+        probe = torch.randn(d, probes, generator=rng, dtype=torch.float64).to(self.xi.device)
+        image = self._image(order, probe)
         left, values, _ = torch.linalg.svd(image, full_matrices=False)
         gap = _gap(values, count)
         for _ in range(_POWER):
-            mix = torch.randn(count, probes, generator=rng, dtype=torch.float64)
+            mix = torch.randn(count, probes, generator=rng, dtype=torch.float64).to(left.device)
             left = torch.linalg.svd(self._image(order, left[:, :count] @ mix), full_matrices=False)
             left = left.U
         return left[:, :count].contiguous(), gap
@@ -364,7 +367,7 @@ class _Moments:
         data = source.data
         q = data @ basis.to(self.xi.dtype) if source.kind == "first" else None
         k = order if source.kind == "second" else order - 1
-        total = torch.zeros((b,) * order, dtype=torch.float64)
+        total = torch.zeros((b,) * order, dtype=torch.float64, device=p.device)
         energy = 0.0  # Σ_j ‖term_j‖²: the noise estimate, as for the matrix
         step = max(1, _CHUNK // b**k)
         for start in range(0, self.m, step):  # chunks of units bound the [c, B^k] tensors
@@ -402,8 +405,8 @@ def _hermite(p: Tensor, k: int) -> Tensor:
     Recursion: ``He_{k+1}(p)_{a,I} = p_a He_k(p)_I - Σ_{s ∈ I} δ_{a,s} He_{k-1}(p)_{I∖s}``.
     """
     c, b = p.shape
-    eye = torch.eye(b, dtype=p.dtype)
-    previous, current = torch.ones(c, dtype=p.dtype), p
+    eye = torch.eye(b, dtype=p.dtype, device=p.device)
+    previous, current = torch.ones(c, dtype=p.dtype, device=p.device), p
     if k == 0:
         return previous
     for order in range(1, k):
@@ -443,10 +446,12 @@ def _cp(
         single = trial % 2 == 0 and len(scaled) > 1
         pair = []
         for _side in range(2):
-            w = torch.randn(b, generator=rng, dtype=torch.float64)
-            mix = torch.randn(len(scaled), generator=rng, dtype=torch.float64)
+            w = torch.randn(b, generator=rng, dtype=torch.float64).to(scaled[0].device)
+            mix = torch.randn(len(scaled), generator=rng, dtype=torch.float64).to(w.device)
             if single:  # one source at a time: a noisy source cannot spoil the others' seeds
-                mix = torch.zeros_like(mix).index_fill_(0, torch.tensor(trial // 2 % len(mix)), 1)
+                mix = torch.zeros_like(mix).index_fill_(
+                    0, torch.tensor(trial // 2 % len(mix), device=mix.device), 1
+                )
             pair.append(sum(c * _slice(t, w) for c, t in zip(mix, scaled, strict=True)))
         values, vectors = torch.linalg.eig(pair[0] @ torch.linalg.pinv(pair[1]))
         # Noise can make eigenvalues complex; their real parts still seed the refinement.
@@ -484,7 +489,7 @@ def _objective(u: Tensor, tensors: list[Tensor], order: int) -> tuple[Tensor, Te
         powers.append((powers[-1][:, None, :] * unit[None, :, :]).reshape(-1, count))
     cos = unit.T @ unit
     # A tiny ridge keeps equal columns (a poor Jennrich candidate) solvable.
-    gram = cos**order + 1e-10 * torch.eye(count, dtype=u.dtype)
+    gram = cos**order + 1e-10 * torch.eye(count, dtype=u.dtype, device=u.device)
     loss, grad = u.new_zeros(()), torch.zeros_like(u)
     for tensor in tensors:
         inner = tensor.reshape(-1) @ powers[-1]
@@ -501,7 +506,7 @@ def _weights(u: Tensor, tensor: Tensor, order: int) -> Tensor:
     power = u
     for _ in range(order - 1):
         power = (power[:, None, :] * u[None, :, :]).reshape(-1, u.shape[1])
-    gram = (u.T @ u) ** order + 1e-10 * torch.eye(u.shape[1], dtype=u.dtype)
+    gram = (u.T @ u) ** order + 1e-10 * torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
     return torch.linalg.solve(gram, tensor.reshape(-1) @ power)
 
 

@@ -93,14 +93,14 @@ def max_length(view: ServerView, model: nn.Module) -> int | None:
 def vocabulary(view: ServerView, bag: Tensor | None) -> Tensor:
     """Allowed content ids: the bag minus structural tokens, else all ordinary tokens."""
     tok = hf.tokenizer(view.task.tokenizer)
-    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    special = torch.tensor(sorted(set(tok.all_special_ids)), device=view.device)
     if bag is not None:
         words = bag[~torch.isin(bag, special)]
         if len(words):
             return words
     names = tok.convert_ids_to_tokens(list(range(len(tok))))
     ordinary = [i for i, t in enumerate(names) if not (t.startswith("[") and t.endswith("]"))]
-    return torch.tensor(ordinary)
+    return torch.tensor(ordinary, device=view.device)
 
 
 def nearest_tokens(embeds: Tensor, table: Tensor, allowed: Tensor) -> Tensor:

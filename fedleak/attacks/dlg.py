@@ -67,8 +67,9 @@ class DLG:
         update = Update(view, unroll=self.unroll)
         size = self.batch or view.num_examples
         dtype = update.observed[0].dtype
-        x = torch.randn((size, *view.task.input_shape), generator=rng, dtype=dtype)
-        y = torch.randn((size, view.task.num_classes), generator=rng, dtype=dtype)
+        # Drawn on the CPU, where the generator lives, then moved: the same start on any device.
+        x = torch.randn((size, *view.task.input_shape), generator=rng, dtype=dtype).to(view.device)
+        y = torch.randn((size, view.task.num_classes), generator=rng, dtype=dtype).to(view.device)
         joint = self.labels == "joint"
         fixed = None if joint else _labels.recover(view, size, self.labels)
         x.requires_grad_()

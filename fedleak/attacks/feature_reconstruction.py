@@ -151,7 +151,12 @@ class FeatureReconstruction(InvertingGradients):
         # The engine runs one Adam with step ``lr`` for every leaf; scaling the U-Net's weights
         # by prior_lr / lr gives them an effective step of prior_lr without a second optimiser.
         return _prior.deep_image_prior(
-            view.task, size, rng, width=self.prior_width, scale=self.prior_lr / self.lr
+            view.task,
+            size,
+            rng,
+            width=self.prior_width,
+            scale=self.prior_lr / self.lr,
+            device=view.device,
         )
 
     def _terms(
@@ -342,6 +347,9 @@ class _FeatureTerm:
             if self.pairs is None or self.calls % self.rematch == 0:
                 self.pairs = linear_sum_assignment(cos2.detach().cpu().numpy(), maximize=True)
             rows, cols = self.pairs
-            matched = cos2[torch.as_tensor(rows), torch.as_tensor(cols)]
+            device = cos2.device
+            matched = cos2[
+                torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
+            ]
         self.calls += 1
         return self.weight * (1 - matched).mean()

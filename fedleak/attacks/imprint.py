@@ -71,7 +71,9 @@ class ImprintAttack:
         best = filled[strength[filled].argsort(descending=True)[:size]]
         if len(best) == 0:  # no gradient reached the block: nothing to read
             best = strength.argmax()[None]
-        inputs = dw[best] / db[best, None].where(db[best, None] != 0, torch.ones(()))
+        inputs = dw[best] / db[best, None].where(
+            db[best, None] != 0, torch.ones((), device=db.device)
+        )
         dtype = view.sent[f"{path}.bins.weight"].dtype
         return Reconstruction(
             inputs=inputs.to(dtype).reshape(len(best), *view.task.input_shape),

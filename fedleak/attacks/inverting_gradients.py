@@ -110,7 +110,7 @@ class InvertingGradients:
             if update.unrolled and restart:
                 # Which example the client trained on in which local step is unknown, and an
                 # unrolled prediction depends on it: later restarts try other assignments.
-                labels = labels[torch.randperm(len(labels), generator=rng)]
+                labels = labels[torch.randperm(len(labels), generator=rng).to(labels.device)]
             leaves, images = self._parametrise(view, size, rng)
 
             def objective(x: Tensor, labels: Tensor = labels) -> Tensor:
@@ -198,7 +198,8 @@ class InvertingGradients:
         Here the leaves are the pixels themselves, initialised from a standard normal in model
         input space (the paper's ``randn``).
         """
-        x = torch.randn((size, *view.task.input_shape), generator=rng).requires_grad_()
+        x = torch.randn((size, *view.task.input_shape), generator=rng).to(view.device)
+        x.requires_grad_()
         return [x], lambda: x
 
     def _terms(
@@ -212,6 +213,6 @@ def _box(view: ServerView) -> tuple[Tensor, Tensor]:
     """Per-channel bounds of valid model inputs: pixels in [0, 1], normalised like the task."""
     task = view.task
     channels = task.input_shape[0]
-    mean = torch.tensor(task.mean or (0.0,) * channels).view(1, -1, 1, 1)
-    std = torch.tensor(task.std or (1.0,) * channels).view(1, -1, 1, 1)
+    mean = torch.tensor(task.mean or (0.0,) * channels, device=view.device).view(1, -1, 1, 1)
+    std = torch.tensor(task.std or (1.0,) * channels, device=view.device).view(1, -1, 1, 1)
     return (0 - mean) / std, (1 - mean) / std

@@ -98,7 +98,7 @@ class Problem:
     def assemble(self, free: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Embeddings ``[B, T, H]``: ``free`` at word positions, special embeddings elsewhere."""
         lengths = self.lengths if lengths is None else lengths
-        position = torch.arange(self.width)[None, :]
+        position = torch.arange(self.width, device=lengths.device)[None, :]
         ids = torch.where(position == 0, self.special.cls, self.special.pad)
         ids = torch.where(position == lengths[:, None] - 1, self.special.sep, ids)
         words = (position > 0) & (position < lengths[:, None] - 1)
@@ -107,19 +107,19 @@ class Problem:
     def pack(self, embeds: Tensor, lengths: Tensor | None = None) -> Tensor:
         """``embeds`` with the attention mask appended as a last channel (see _Embedded)."""
         lengths = self.lengths if lengths is None else lengths
-        mask = torch.arange(embeds.shape[1])[None, :] < lengths[:, None]
+        mask = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < lengths[:, None]
         return torch.cat([embeds, mask[..., None].to(embeds.dtype)], dim=-1)
 
     def words(self, lengths: Tensor | None = None) -> Tensor:
         """Mask ``[B, T]`` of the word positions (between [CLS] and [SEP])."""
         lengths = self.lengths if lengths is None else lengths
-        position = torch.arange(self.width)[None, :]
+        position = torch.arange(self.width, device=lengths.device)[None, :]
         return (position > 0) & (position < lengths[:, None] - 1)
 
     def ids(self, free: Tensor) -> Tensor:
         """Token ids ``[B, T]`` of the nearest allowed tokens, specials at their places."""
         nearest = _text.nearest_tokens(free, self.table, self.allowed)
-        position = torch.arange(self.width)[None, :]
+        position = torch.arange(self.width, device=nearest.device)[None, :]
         ids = torch.where(position == 0, self.special.cls, self.special.pad)
         ids = torch.where(position == self.lengths[:, None] - 1, self.special.sep, ids)
         return torch.where(self.words(), nearest, ids)
@@ -220,7 +220,9 @@ class LAMP:
         outputs = self._outputs(problem, best)
         seconds = time.perf_counter() - start
         ids = problem.ids(best)
-        out = torch.full((len(ids), view.task.input_shape[0]), problem.special.pad)
+        out = torch.full(
+            (len(ids), view.task.input_shape[0]), problem.special.pad, device=ids.device
+        )
         out[:, : problem.width] = ids[:, : out.shape[1]]
         info = {
             "loss": best_loss,
@@ -256,7 +258,7 @@ class LAMP:
                 f"max_len={max_len}"
             )
         labels = (
-            torch.tensor(self.known_labels, dtype=torch.long)
+            torch.tensor(self.known_labels, dtype=torch.long, device=view.device)
             if self.known_labels
             else _labels.recover(view, size, self.labels)
         )
@@ -264,11 +266,11 @@ class LAMP:
         allowed = _text.vocabulary(view, bag)
         readable = None
         if self.known_lengths:
-            lengths = torch.tensor(self.known_lengths, dtype=torch.long)
+            lengths = torch.tensor(self.known_lengths, dtype=torch.long, device=view.device)
         else:
             readable = _text.max_length(view, model)
             longest = min(readable or max_len, max_len)
-            lengths = torch.full((size,), longest, dtype=torch.long)
+            lengths = torch.full((size,), longest, dtype=torch.long, device=view.device)
         # Update's copy of the model must not train the word embeddings: the attack feeds
         # embeddings, so that matrix gets no gradient (LAMP matches every other tensor).
         frozen = dataclasses.replace(view, build_model=_frozen_builder(view, embedding, model))
@@ -314,12 +316,13 @@ class LAMP:
         size = problem.size
         sample_lengths = not problem.lengths_known and self.init_candidates > 1
         best, best_loss, best_lengths = None, math.inf, problem.lengths
+        vocab = len(problem.allowed)
         for _ in range(self.init_candidates):
             if self.init == "bag":
-                pick = torch.randint(len(problem.allowed), shape[:2], generator=rng)
+                pick = torch.randint(vocab, shape[:2], generator=rng).to(problem.allowed.device)
                 free = problem.table[problem.allowed[pick]].clone()
             else:
-                free = torch.randn(shape, generator=rng)
+                free = torch.randn(shape, generator=rng).to(problem.table.device)
             if self.size >= 0:
                 free = free / free.norm(dim=-1, keepdim=True) * size
             lengths = self._draw_lengths(problem, rng) if sample_lengths else problem.lengths
@@ -331,7 +334,7 @@ class LAMP:
             words = problem.words()
             for _ in range(self.init_candidates):
                 order = self._shuffle(problem, words, rng)
-                free = best[torch.arange(shape[0])[:, None], order]
+                free = best[torch.arange(shape[0], device=best.device)[:, None], order]
                 loss = self._match(problem, free).item()
                 if loss < best_loss:
                     best, best_loss = free, loss
@@ -344,22 +347,23 @@ class LAMP:
         Lengths that leave no room for every bag word (each occurs at least once) are redrawn.
         """
         count, longest = len(problem.labels), problem.width
+        device, low = problem.labels.device, min(3, longest)
         has_bag = not math.isnan(problem.info.get("bag_size", math.nan))
         need = len(problem.allowed) if has_bag else 0
         for _ in range(100):
-            lengths = torch.randint(min(3, longest), longest + 1, (count,), generator=rng)
-            lengths[torch.randint(count, (1,), generator=rng)] = longest
+            lengths = torch.randint(low, longest + 1, (count,), generator=rng).to(device)
+            lengths[int(torch.randint(count, (1,), generator=rng))] = longest
             if int((lengths - 2).sum()) >= need:
                 return lengths
-        return torch.full((count,), longest, dtype=torch.long)
+        return torch.full((count,), longest, dtype=torch.long, device=device)
 
     @staticmethod
     def _shuffle(problem: Problem, words: Tensor, rng: torch.Generator) -> Tensor:
         """Per sentence, a random permutation of its word positions (others fixed): ``[B, T]``."""
-        order = torch.arange(words.shape[1]).repeat(len(words), 1)
+        order = torch.arange(words.shape[1], device=words.device).repeat(len(words), 1)
         for row in range(len(words)):  # B rows: a handful
             idx = words[row].nonzero().flatten()
-            order[row, idx] = idx[torch.randperm(len(idx), generator=rng)]
+            order[row, idx] = idx[torch.randperm(len(idx), generator=rng).to(idx.device)]
         return order
 
     def _predict(
@@ -441,7 +445,9 @@ class LAMP:
             n = int(problem.lengths[row]) - 2
             if n < 2:
                 continue
-            perms = _transformations(n, self.swap_candidates, rng)  # [K, n], row 0 = identity
+            perms = _transformations(
+                n, self.swap_candidates, rng, free.device
+            )  # [K, n], row 0 = identity
             positions = perms + 1
             words = free.detach()[row, positions]  # [K, n, H]
             candidates = ids[row].expand(len(perms), -1).clone()
@@ -490,7 +496,7 @@ class LAMP:
             rest = [g * len(others) for g in torch.autograd.grad(loss, params)]
         length = int(problem.lengths[row])
         base = problem.assemble(free)[row : row + 1, :length]
-        mask = torch.ones(1, length, 1)
+        mask = torch.ones(1, length, 1, device=base.device)
         label = problem.labels[row : row + 1]
         losses = []
         for candidate in words:
@@ -542,7 +548,9 @@ def _frozen_builder(view: ServerView, embedding: nn.Module, model: nn.Module):
     return build
 
 
-def _transformations(n: int, count: int, rng: torch.Generator) -> Tensor:
+def _transformations(
+    n: int, count: int, rng: torch.Generator, device: torch.device | str = "cpu"
+) -> Tensor:
     """``count`` reorderings ``[count, n]`` of ``n`` word positions.
 
     The identity first, then LAMP's four kinds in turn: swap two tokens, move a token, move a
@@ -570,4 +578,4 @@ def _transformations(n: int, count: int, rng: torch.Generator) -> Tensor:
             i = 1 + a % (n - 1)
             p = p[i:] + p[:i]
         perms.append(p)
-    return torch.tensor(perms, dtype=torch.long)
+    return torch.tensor(perms, dtype=torch.long, device=device)

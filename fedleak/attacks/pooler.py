@@ -212,7 +212,7 @@ class PoolerAttack(LAMP):
         problem.state.update(
             directions=recovery.directions.float(),  # [B, d]
             layer=geo.layer,
-            pairing=torch.arange(count),
+            pairing=torch.arange(count, device=recovery.directions.device),
             targets=None,
         )
         problem.info.update(
@@ -244,7 +244,7 @@ class PoolerAttack(LAMP):
         if self.assignment == "max" and not self.oracle:
             # Assignment-free: each recovered direction is credited to its closest candidate.
             return self.feature_weight * (1 - cos.square().max(-2).values.mean(-1))
-        fit = cos[..., torch.arange(cos.shape[-2]), state["pairing"]]
+        fit = cos[..., torch.arange(cos.shape[-2], device=cos.device), state["pairing"]]
         if self.oracle:
             # The official margin: a pair that matches within ``margin`` of how well its
             # recovered direction matches the truth is no longer pushed.
@@ -266,7 +266,9 @@ class PoolerAttack(LAMP):
         problem.captured.clear()
         with torch.no_grad():
             problem.update.logits(problem.pack(problem.assemble(free)))
-            problem.update.logits(torch.cat([embeds, torch.ones(len(words), length, 1)], -1))
+            problem.update.logits(
+                torch.cat([embeds, torch.ones(len(words), length, 1, device=embeds.device)], -1)
+            )
         current, candidates = problem.captured
         problem.captured.clear()
         batch = current.repeat(len(words), 1, 1)  # [K, B, d]
@@ -279,7 +281,7 @@ class PoolerAttack(LAMP):
         with torch.no_grad():
             problem.update.logits(problem.pack(problem.assemble(best)))
         cos = _cosines(_batch_features(problem), problem.state["directions"])
-        fit = cos[torch.arange(len(cos)), _hungarian(cos)]
+        fit = cos[torch.arange(len(cos), device=cos.device), _hungarian(cos)]
         problem.info["feature_fit"] = float(fit.square().mean())
         return {
             "features": problem.state["directions"],
@@ -294,8 +296,8 @@ def _cosines(features: Tensor, directions: Tensor) -> Tensor:
 
 def _hungarian(cos: Tensor) -> Tensor:
     """The pairing of candidates (rows) with directions (columns) of highest total |cos|."""
-    _, cols = linear_sum_assignment(-cos.detach().abs().double().numpy())
-    return torch.as_tensor(np.asarray(cols), dtype=torch.long)
+    _, cols = linear_sum_assignment(-cos.detach().abs().double().cpu().numpy())
+    return torch.as_tensor(np.asarray(cols), dtype=torch.long, device=cos.device)
 
 
 def _oracle(problem: Problem, truth: Batch) -> None:
@@ -303,14 +305,16 @@ def _oracle(problem: Problem, truth: Batch) -> None:
     true = features.true_features(problem.view, truth, problem.state["layer"]).float()
     directions = problem.state["directions"]
     cos = (nn.functional.normalize(true, dim=1) @ directions.T).abs()  # [B, B]
-    pairing = torch.full((len(true),), -1)
+    pairing = torch.full((len(true),), -1, device=cos.device)
     free = cos.clone()
     for _ in range(len(true)):  # the highest remaining pair first
         row, col = divmod(int(free.argmax()), free.shape[1])
         pairing[row] = col
         free[row, :] = -1
         free[:, col] = -1
-    problem.state.update(pairing=pairing, targets=cos[torch.arange(len(true)), pairing])
+    problem.state.update(
+        pairing=pairing, targets=cos[torch.arange(len(true), device=cos.device), pairing]
+    )
     # The candidates' slots follow the truth's order (known labels and lengths, as there).
     problem.labels = truth.labels.clone()
     problem.lengths = (truth.inputs != problem.special.pad).sum(1)

@@ -122,7 +122,7 @@ class PerExampleClip:
         per_example = per_example_gradients(model, batch, loss_fn, names)
         # One norm per example over all parameters together, as DP-SGD (Opacus: flat clipping).
         squares = sum(g.double().flatten(1).square().sum(1) for g in per_example.values())
-        norms = torch.as_tensor(squares).sqrt()
+        norms = torch.as_tensor(squares, device=batch.labels.device).sqrt()
         # norm 0 gives inf -> factor 1; NaN norms stay NaN, as a NaN gradient would.
         factor = (self.max_norm / norms).clamp(max=1.0)
         return {

@@ -113,7 +113,7 @@ class DPSGD:
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=rng,
+            noise_generator=_noise_generator(model, rng),
         )
         # One Poisson draw per planned step; each pass over the loader is ceil(n / batch) draws.
         passes = itertools.chain.from_iterable(itertools.repeat(loader))
@@ -161,6 +161,20 @@ class DPSGD:
         accountant = _opacus().accountants.create_accountant(self.accountant)
         accountant.history = [(self.noise_multiplier, sample_rate, steps)]
         return float(accountant.get_epsilon(delta=self.delta))
+
+
+def _noise_generator(model: nn.Module, rng: torch.Generator) -> torch.Generator:
+    """The generator Opacus draws its noise with, on the device of the model's parameters.
+
+    Opacus draws on the parameters' device and a generator lives on one device: on the CPU it
+    is ``rng`` itself (CPU runs unchanged); elsewhere a generator there, seeded from ``rng``,
+    so the noise is reproducible per device but not the same numbers as on the CPU.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return rng
+    seed = int(torch.randint(2**62, (1,), generator=rng))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _opacus() -> types.ModuleType:

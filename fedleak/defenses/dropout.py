@@ -76,6 +76,6 @@ def _drop_input(module: nn.Module, args: tuple, *, p: float, rng: torch.Generato
         return None
     inputs, *rest = args
     # The generator lives on the CPU; draw there and move, so any device gets the same masks.
-    keep = torch.rand(inputs.shape, generator=rng) >= p
-    scale = keep.to(dtype=inputs.dtype, device=inputs.device) / (1 - p)
+    keep = torch.rand(inputs.shape, generator=rng).to(inputs.device) >= p
+    scale = keep.to(inputs.dtype) / (1 - p)
     return (inputs * scale, *rest)

@@ -65,8 +65,7 @@ def _add_noise(delta: Params, scale: float, sample: Sampler, rng: torch.Generato
 
 def _standard_normal(tensor: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     # The generator lives on the CPU; draw there and move, so any device gets the same stream.
-    noise = torch.randn(tensor.shape, generator=rng, dtype=tensor.dtype)
-    return noise.to(tensor.device)
+    return torch.randn(tensor.shape, generator=rng, dtype=tensor.dtype).to(tensor.device)
 
 
 def _standard_laplace(tensor: torch.Tensor, rng: torch.Generator) -> torch.Tensor:

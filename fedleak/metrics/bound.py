@@ -149,8 +149,9 @@ class _FromPixels(nn.Module):
         super().__init__()
         self.model = model
         shape = (1, -1, *[1] * (len(task.input_shape) - 1))
-        self.register_buffer("mean", torch.tensor(task.mean or (0.0,)).view(shape))
-        self.register_buffer("std", torch.tensor(task.std or (1.0,)).view(shape))
+        device = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(task.mean or (0.0,), device=device).view(shape))
+        self.register_buffer("std", torch.tensor(task.std or (1.0,), device=device).view(shape))
 
     def pixels(self, inputs: Tensor) -> Tensor:
         """Model inputs -> pixels, without to_pixels' clamp (the forward pass must be exact)."""

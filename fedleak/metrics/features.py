@@ -37,7 +37,7 @@ def feature_cos(reconstruction: Reconstruction, truth: Batch, view: ServerView |
             f"{true.shape[1]} inputs of {reconstruction.feature_layer!r}; features must be "
             f"[B, {true.shape[1]}]"
         )
-    cos = (_unit(recovered) @ _unit(true).T).abs().numpy()
+    cos = (_unit(recovered) @ _unit(true).T).abs().cpu().numpy()
     rows, cols = linear_sum_assignment(-cos)
     return float(np.mean(cos[rows, cols]))
 

@@ -70,7 +70,7 @@ def save_grid(
 
 def _tile(pixels: Tensor, scale: int) -> np.ndarray:
     """``[C, H, W]`` in [0, 1] -> ``[H*scale, W*scale, C]`` uint8, nearest-neighbour upscaled."""
-    array = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    array = (pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return array.repeat(scale, axis=0).repeat(scale, axis=1)
 
 

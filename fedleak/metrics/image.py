@@ -58,7 +58,7 @@ def match(rec_pixels: Tensor, true_pixels: Tensor) -> tuple[np.ndarray, np.ndarr
     squared = (true**2).sum(1, keepdim=True) + (rec**2).sum(1) - 2 * true @ rec.T
     cost = squared.clamp_min(0) / true.shape[1]
     # Rows are truths, so linear_sum_assignment returns the pairs sorted by truth index.
-    true_idx, rec_idx = linear_sum_assignment(cost.numpy())
+    true_idx, rec_idx = linear_sum_assignment(cost.cpu().numpy())
     return rec_idx, true_idx
 
 
@@ -84,7 +84,11 @@ def score(reconstruction: Reconstruction, truth: Batch, task: Task) -> dict[str,
 
     mse = ((rec - true) ** 2).flatten(1).mean(1)
     psnr = 10 * torch.log10(1 / mse.clamp_min(MIN_MSE))
-    ssim = torch.tensor([_ssim(r, t) for r, t in zip(rec, true, strict=True)], dtype=torch.float64)
+    ssim = torch.tensor(
+        [_ssim(r, t) for r, t in zip(rec, true, strict=True)],
+        dtype=torch.float64,
+        device=rec.device,
+    )
 
     lpips = math.nan
     # AlexNet's pooling needs sides of at least 32 pixels (CIFAR's); smaller images stay NaN.
@@ -137,7 +141,7 @@ def _ssim(rec: Tensor, true: Tensor) -> float:
     win_size = min(7, side if side % 2 else side - 1)
     if win_size < 3:
         return math.nan
-    rec_np, true_np = rec.numpy(), true.numpy()
+    rec_np, true_np = rec.cpu().numpy(), true.cpu().numpy()
     if rec.shape[0] == 1:
         return float(
             structural_similarity(rec_np[0], true_np[0], data_range=1.0, win_size=win_size)

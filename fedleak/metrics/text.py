@@ -157,7 +157,8 @@ def _scorer() -> Any:
 
 def _content(ids: Tensor, task: Task) -> Tensor:
     """Mask of the positions that hold words: not padding, [CLS], [SEP] or another special."""
-    special = torch.tensor(sorted(set(hf.tokenizer(task.tokenizer).all_special_ids)))
+    special = hf.tokenizer(task.tokenizer).all_special_ids
+    special = torch.tensor(sorted(set(special)), device=ids.device)
     return ~torch.isin(ids, special)
 
 

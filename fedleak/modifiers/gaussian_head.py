@@ -183,14 +183,14 @@ class GaussianHead:
                 f"gaussian_head: the model's head has {width} units but width = {self.width}; "
                 "build the model with this modifier's architecture()"
             )
-        xi = torch.randn(width, features, generator=rng, dtype=torch.float64)
+        xi = torch.randn(width, features, generator=rng, dtype=torch.float64).to(weight.device)
         scale = self.scale or (1 if self.activation == "x3x2" else 2) / math.sqrt(features)
         planted = dict(params)
         planted[f"{hidden}.weight"] = (scale * xi).to(weight.dtype)
         planted[f"{hidden}.bias"] = torch.zeros_like(params[f"{hidden}.bias"])
         return planted, {
             "gaussian_head.xi": xi.to(weight.dtype),
-            "gaussian_head.xi_scale": torch.tensor(scale, dtype=weight.dtype),
+            "gaussian_head.xi_scale": torch.tensor(scale, dtype=weight.dtype, device=weight.device),
         }
 
 

@@ -130,8 +130,8 @@ class Imprint:
                 f"imprint: the model's block has {bins} bins but bins = {self.bins}; build the "
                 "model with this modifier's architecture()"
             )
-        direction = torch.full((inputs,), 1 / inputs, dtype=torch.float64)  # brightness
-        edges = self.edges()
+        direction = torch.full((inputs,), 1 / inputs, dtype=torch.float64, device=weight.device)
+        edges = self.edges().to(weight.device)
         planted = dict(params)
         planted[f"{path}.bins.weight"] = direction.expand(bins, inputs).to(weight.dtype).clone()
         planted[f"{path}.bins.bias"] = (-edges).to(weight.dtype)

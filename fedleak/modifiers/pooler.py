@@ -176,12 +176,15 @@ class Pooler:
         weight, bias = params[f"{dense}.weight"].clone(), params[f"{dense}.bias"].clone()
         head = params[f"{classifier}.weight"].clone()
         width = weight.shape[0] - self.hd
-        xi = torch.randn(self.hd, self.rd, generator=rng, dtype=torch.float64).to(weight.dtype)
+        xi = torch.randn(self.hd, self.rd, generator=rng, dtype=torch.float64).to(weight.device)
+        xi = xi.to(weight.dtype)
         weight[width:] = 0
         weight[width:, : self.rd] = self.row_scale * xi
         bias[width:] = 0
         classes = head.shape[0]
-        a = torch.arange(1, classes + 1, dtype=head.dtype) / self.hd  # a_c = (c + 1) / hd
+        a = (
+            torch.arange(1, classes + 1, dtype=head.dtype, device=head.device) / self.hd
+        )  # a_c = (c + 1) / hd
         head[:, width:] = a[:, None]
         sent = {
             **params,
@@ -190,11 +193,11 @@ class Pooler:
             f"{classifier}.weight": head,
         }
         secrets = {
-            "pooler.hd": torch.tensor(self.hd),
+            "pooler.hd": torch.tensor(self.hd, device=xi.device),
             "pooler.xi": xi,
-            "pooler.scale": torch.tensor(self.row_scale, dtype=torch.float64),
-            "pooler.width": torch.tensor(width),
-            "pooler.activation": torch.tensor(NAMES.index(self.activation)),
+            "pooler.scale": torch.tensor(self.row_scale, dtype=torch.float64, device=xi.device),
+            "pooler.width": torch.tensor(width, device=xi.device),
+            "pooler.activation": torch.tensor(NAMES.index(self.activation), device=xi.device),
             "pooler.head": a,
         }
         return sent, secrets
