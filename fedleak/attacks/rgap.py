@@ -369,7 +369,8 @@ def _stages(model: nn.Module, input_shape: tuple[int, ...]) -> list[_Stage]:
     x = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
     layers: list[tuple[str, nn.Module, tuple[int, ...], tuple[int, ...]]] = []
     activations: list[list[nn.Module]] = []
-    for name, module in _leaves(model, ""):
+    # The structure first (blocks with their own forward), then each layer.
+    for name, module in list(_leaves(model, "")):
         _check_covered(name, module)
         shape = tuple(x.shape[1:])
         if isinstance(module, nn.Linear) and len(shape) != 1:
