@@ -107,6 +107,7 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
         assert float(row["psnr"]) > 0
         assert row["lpips"] == "nan"  # no LPIPS backbone weights on a test machine
         assert row["commit"] and row["finished"]  # each row's provenance
+        assert row["device"] == "cpu" and int(row["threads"]) >= 1  # and where it ran
     features = [r for r in runs if r["attack"].startswith("feature_reconstruction")]
     assert all(0 <= float(r["feature_cos"]) <= 1 for r in features)
     summary = read(tmp_path / "vision_attacks.csv")
@@ -133,7 +134,8 @@ def test_vision_attacks_quick_and_resumable(tmp_path, data_root):
     older = tmp_path / "b1" / "vision_attacks_runs.csv"
     rows = read(older)
     with older.open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0])[:-2], extrasaction="ignore")
+        stamp = ("commit", "finished", "device", "threads")
+        writer = csv.DictWriter(f, [k for k in rows[0] if k not in stamp], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     report = run("vision_attacks.py", tmp_path / "b1", *options, "--report")

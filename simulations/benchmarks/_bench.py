@@ -5,6 +5,7 @@ Import it before anything that imports flwr: Flower reads these settings at impo
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import csv
 import io
@@ -19,6 +20,9 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
+from fedleak.device import CHOICES, resolve
 from fedleak.sim import OFFLINE_ENV  # flwr-free: Flower is not imported yet
 
 for _key, _value in OFFLINE_ENV.items():
@@ -134,15 +138,34 @@ def merge_rows(
     return len(added)
 
 
-STAMP = ["commit", "finished"]  # the last columns of every runs file: each row's provenance
+# The last columns of every runs file: each row's provenance (rows from before device support
+# have no device and threads; their pages say nothing of them).
+STAMP = ["commit", "finished", "device", "threads"]
 
 
-def stamp(row: dict, measured: str) -> dict:
-    """``row`` with the commit its run measured (``commit()`` at its start) and the time now."""
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default cpu), checked on this machine: ``args.device`` is a torch.device."""
+
+    def device(name: str) -> torch.device:
+        try:
+            return resolve(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parser.add_argument(
+        "--device", type=device, default="cpu", help=f"{' | '.join(CHOICES)} (default cpu)"
+    )
+
+
+def stamp(row: dict, measured: str, device: torch.device | str = "cpu") -> dict:
+    """``row`` with the commit its run measured (``commit()`` at its start), the time now, and
+    the device and torch threads it ran on."""
     return {
         **row,
         "commit": measured.removeprefix("commit "),
         "finished": datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -156,6 +179,9 @@ def provenance(rows: list[dict]) -> str:
     text = f"rows finished {times[0]} to {times[-1]} at commit {', '.join(commits)}"
     if len(stamped) < len(rows):
         text += f" ({len(rows) - len(stamped)} earlier rows unstamped)"
+    ran = [f"{r['device']} ({r['threads']} threads)" for r in stamped if r.get("device")]
+    if ran:
+        text += f", on {', '.join(dict.fromkeys(ran))}"
     return text
 
 

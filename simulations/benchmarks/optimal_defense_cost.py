@@ -30,6 +30,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import _bench
 import torch
 from torch import nn
 
@@ -76,19 +77,27 @@ def step(model, optimizer, batch, defense, rng) -> None:
     optimizer.step()
 
 
-def batches(count: int, seed: int) -> list[Batch]:
+def batches(count: int, seed: int, device: torch.device) -> list[Batch]:
     """``count`` batches of random images: a round's mini-batches differ from step to step."""
-    g = seeding.rng(seed, "bench")
+    g = seeding.rng(seed, "bench")  # drawn on the CPU generator, then moved
     return [
         Batch(
             torch.randn((BATCH, *TASK.input_shape), generator=g),
             torch.randint(0, 10, (BATCH,), generator=g),
-        )
+        ).to(device)
         for _ in range(count)
     ]
 
 
-def staleness(model: nn.Module, steps: int) -> tuple[float, float]:
+def synchronise(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: a GPU step returns before it has run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def staleness(model: nn.Module, steps: int, device: torch.device) -> tuple[float, float]:
     """How far the amortised noise stds are from recomputed ones, over one round of ``steps``.
 
     At every step where the amortised mode reuses its estimate, the per-coordinate noise std
@@ -99,7 +108,7 @@ def staleness(model: nn.Module, steps: int) -> tuple[float, float]:
     defense = DEFENSES.build(DEFENSE_SPECS["optimal_noise"])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     rng, stale, floor, kept = seeding.rng(0, "staleness"), [], [], None
-    for i, batch in enumerate(batches(steps, 1)):
+    for i, batch in enumerate(batches(steps, 1, device)):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(batch.inputs), batch.labels).backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -121,29 +130,31 @@ def staleness(model: nn.Module, steps: int) -> tuple[float, float]:
     return statistics.fmean(stale), statistics.fmean(floor)
 
 
-def measure(steps: int, warmup: int) -> list[dict]:
+def measure(steps: int, warmup: int, device: torch.device) -> list[dict]:
     rows = []
     for model_name, spec in MODEL_SPECS.items():
         with seeding.isolated(0):
-            model = spec()(TASK)
+            model = spec()(TASK).to(device)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-        round_batches = batches(REFRESH, 0)
+        round_batches = batches(REFRESH, 0, device)
         defenses = {k: v and DEFENSES.build(v) for k, v in DEFENSE_SPECS.items()}
         rng = seeding.rng(0, "defense")
         times = {k: [] for k in defenses}
         for i in range(warmup + steps):
             batch = round_batches[i % REFRESH]
             for name, defense in defenses.items():  # alternate, so load drifts hit all alike
+                synchronise(device)
                 start = time.perf_counter()
                 step(model, optimizer, batch, defense, rng)
+                synchronise(device)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
         params = sum(p.numel() for p in model.parameters())
         # Means over whole refresh cycles: an amortised step costs a full estimate every
         # REFRESH-th step and almost nothing in between, so a median would hide the estimate.
         plain = statistics.fmean(times["plain"])
-        stale, floor = staleness(model, 2 * REFRESH)
+        stale, floor = staleness(model, 2 * REFRESH, device)
         for name, ts in times.items():
             mean = statistics.fmean(ts)
             spec = DEFENSE_SPECS[name] or {}
@@ -169,10 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 steps after 1 warm-up")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    _bench.add_device_option(parser)
     args = parser.parse_args(argv)
     steps, warmup = (REFRESH, REFRESH) if args.quick else (6 * REFRESH, REFRESH)
     load = os.getloadavg()
-    rows = measure(steps, warmup)
+    rows = measure(steps, warmup, args.device)
     load_end = os.getloadavg()
     when = datetime.now().isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Machine: {os.cpu_count()} cores, shared with other jobs (load average "
         f"{load[0]:.2f} at the start, {load_end[0]:.2f} at the end), torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads), {when}. "
+        f"({torch.get_num_threads()} intra-op threads), device {args.device}, {when}. "
         "Timings on a shared machine are noisy; the ratios are more stable than the times, "
         "because the variants alternate step by step.",
         "",

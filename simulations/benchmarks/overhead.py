@@ -94,9 +94,10 @@ def plain_train(msg: Message, context: Context) -> Message:
     sgd = exp.trainer
     partition = int(context.node_config["partition-id"])
     server_round = int(msg.content["config"]["server-round"])
-    model = exp.build_model()
+    device = exp.device  # as fedleak's client: train there, reply from the CPU
+    model = exp.build_model().to(device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    data = exp.client_data(partition)
+    data = exp.client_data(partition).to(device)
     n = len(data.labels)
     size = min(sgd.batch_size or n, n)
     per_epoch = math.ceil(n / size)
@@ -108,7 +109,7 @@ def plain_train(msg: Message, context: Context) -> Message:
     for step in range(steps):
         k = step % per_epoch
         if k == 0:
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(device)
         idx = order[k * size : (k + 1) * size]
         optimizer.zero_grad()
         loss = exp.loss_fn(model(data.inputs[idx]), data.labels[idx])
@@ -118,7 +119,8 @@ def plain_train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {"train_loss": sum(losses) / len(losses), "num-examples": min(n, steps * size)}
     )
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     return Message(content, reply_to=msg)
 
 
@@ -186,12 +188,12 @@ def run_plain(exp: Experiment) -> tuple[float, float]:
 
 
 # -- reporting --------------------------------------------------------------------------------
-def machine(threads: int) -> str:
+def machine(threads: int, device: torch.device) -> str:
     """One line describing where and when this was measured."""
     return (
         f"{os.cpu_count()} cores (shared machine; load average at start {_bench.load_average()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads, "
-        f"{'set with --threads' if threads else 'the default'}), "
+        f"{'set with --threads' if threads else 'the default'}), device {device}, "
         f"flwr {version('flwr')}, fedleak {_bench.commit()}, Python {sys.version.split()[0]}, "
         f"{datetime.now().isoformat(timespec='seconds')}"
     )
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="10 rounds, 1 repeat (smoke test)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    _bench.add_device_option(parser)
     parser.add_argument(
         "-o", "--override", action="append", default=[], help="dotted.key=value, as fedleak run"
     )
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as `fedleak run` does, for both
 
-    overrides = ["attacks=[]", *args.override]
+    overrides = ["attacks=[]", f"device={args.device}", *args.override]
     if args.quick:
         overrides.append("rounds=10")
     base = config.load(args.config, [*overrides, "observe.rounds=[1]"])
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config_name = str(args.config.resolve().relative_to(HERE.parents[1]))
     except ValueError:
         args.config_name = str(args.config)
-    args.machine = machine(args.threads)
+    args.machine = machine(args.threads, args.device)
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = args.out / "overhead.csv", args.out / "overhead.md"

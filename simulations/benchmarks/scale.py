@@ -59,11 +59,12 @@ FIELDS = [
 ]
 
 
-def experiment(clients: int) -> dict:
+def experiment(clients: int, device: str = "cpu") -> dict:
     """The experiment of one measurement, as a dict for ``fedleak.config.load``."""
     return {
         "name": f"scale-{clients}",
         "seed": 0,
+        "device": device,
         "rounds": ROUNDS,
         "clients": clients,
         "clients_per_round": min(SAMPLED, clients),
@@ -77,7 +78,7 @@ def experiment(clients: int) -> dict:
 
 
 # -- the child: one run, in its own process ---------------------------------------------------
-def one(clients: int, out: Path) -> None:
+def one(clients: int, out: Path, device: str) -> None:
     """Run the experiment for ``clients`` into ``out``; print one JSON line with the result."""
     import logging
 
@@ -86,7 +87,7 @@ def one(clients: int, out: Path) -> None:
     from fedleak import config, pipeline
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    store = pipeline.run(config.load(experiment(clients)), out=out)
+    store = pipeline.run(config.load(experiment(clients, device)), out=out)
     utility = {int(r["round"]): r for r in store.rows("utility.csv")}
     last = utility[ROUNDS]
     result = {
@@ -142,11 +143,11 @@ class TreeMemory(threading.Thread):
         self.join()
 
 
-def measure(clients: int, timeout: float) -> dict:
+def measure(clients: int, timeout: float, device: str) -> dict:
     """Run one N in a fresh subprocess; its wall time, memory and result."""
     out = Path(tempfile.mkdtemp(prefix=f"fedleak-scale-{clients}-"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(clients)]
-    cmd += ["--out", str(out / "run")]
+    cmd += ["--out", str(out / "run"), "--device", str(device)]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
     watch = TreeMemory(child.pid)
@@ -179,14 +180,15 @@ def measure(clients: int, timeout: float) -> dict:
 
 
 # -- reporting --------------------------------------------------------------------------------
-def machine() -> str:
+def machine(device: str) -> str:
     """One line describing where and when this was measured."""
     import torch
 
     return (
         f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM (shared "
         f"machine; load average at start {_bench.load_average()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads, the default), flwr {version('flwr')}, "
+        f"({torch.get_num_threads()} intra-op threads, the default), device {device}, "
+        f"flwr {version('flwr')}, "
         f"ray {version('ray')}, fedleak {_bench.commit()}, Python {sys.version.split()[0]}, "
         f"{datetime.now().isoformat(timespec='seconds')}"
     )
@@ -251,16 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds before one N is abandoned"
     )
+    _bench.add_device_option(parser)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: the child
     args = parser.parse_args(argv)
     if args.one is not None:
-        one(args.one, args.out)
+        one(args.one, args.out, str(args.device))
         return 0
     clients = args.clients or ([10, 100] if args.quick else [10, 1000, 10_000])
     if any(n < 1 for n in clients):
         parser.error("--clients must be >= 1")
 
-    header = machine()
+    header = machine(str(args.device))
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = args.out / "scale.csv", args.out / "scale.md"
     with csv_path.open("w", newline="") as f:
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     md_path.write_text(markdown(rows, header, done=False))
     for n in clients:
         print(f"N = {n:,}: running ...", file=sys.stderr, flush=True)
-        row = measure(n, args.timeout)
+        row = measure(n, args.timeout, str(args.device))
         rows.append(row)
         with csv_path.open("a", newline="") as f:
             csv.DictWriter(f, FIELDS).writerow(row)

@@ -255,7 +255,9 @@ def cells(cfg: dict) -> Iterable[tuple[str, int, int, str]]:
                     yield name, size, k, spec["label"]
 
 
-def run_one(cfg: dict, data: dict, name: str, size: int, k: int, label: str) -> dict:
+def run_one(
+    cfg: dict, data: dict, name: str, size: int, k: int, label: str, device: torch.device | str
+) -> dict:
     spec = next(a for a in cfg["attacks"] if a["label"] == label)
     sentences, labels, _ = data[name]
     task = data["task"]
@@ -267,9 +269,11 @@ def run_one(cfg: dict, data: dict, name: str, size: int, k: int, label: str) -> 
     )
     attack = attack_of(spec, cfg, batch, task)
     # Only an oracle row (the official code's truth-based pairing, for parity) sees the truth.
-    truth = {"truth": batch} if spec["attack"].get("oracle") else {}
+    truth = {"truth": batch.to(device)} if spec["attack"].get("oracle") else {}
     start = time.perf_counter()
-    reconstruction = attack(view, seeding.rng(seed, "attack", label, name, size, k), **truth)
+    rng = seeding.rng(seed, "attack", label, name, size, k)
+    # On the device, scored on the CPU.
+    reconstruction = attack(view.to(device), rng, **truth).to("cpu")
     seconds = time.perf_counter() - start
     scores = metrics.score(reconstruction, batch, task, view=view)
     return {
@@ -616,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unknown", action="store_true", help="recover labels and lengths")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _bench.add_device_option(parser)
     parser.add_argument(
         "--report", action="store_true", help="only rewrite the tables from the rows in --out"
     )
@@ -655,7 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     todo = [c for c in cells(cfg) if c not in done]
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, size, k, label in todo:
-        row = _bench.stamp(run_one(cfg, data, name, size, k, label), facts["commit"])
+        row = run_one(cfg, data, name, size, k, label, args.device)
+        row = _bench.stamp(row, facts["commit"], args.device)
         _bench.append_row(runs, row, RUN_FIELDS)
         print(
             f"{name} B={size} batch {k} {label}: R-1 {100 * row['rouge1_lamp']:.1f} (clean "

@@ -271,7 +271,7 @@ def attack_of(spec: dict, steps: int):
     return ATTACKS.build(options)
 
 
-def run_one(cfg, name, state, size, k, base, images, out) -> dict:
+def run_one(cfg, name, state, size, k, base, images, out, device="cpu") -> dict:
     spec = cfg["attacks"][name]
     picked = list(range(k * size, (k + 1) * size))
     batch = Batch(images.inputs[picked], images.labels[picked])
@@ -280,7 +280,8 @@ def run_one(cfg, name, state, size, k, base, images, out) -> dict:
     view = server_view(base, spec, batch, rng, cfg["batch_norm"])
     attack = attack_of(spec, cfg["steps"])
     start = time.perf_counter()
-    reconstruction = attack(view, seeding.rng(seed, "attack", name, state, size, k))
+    rng = seeding.rng(seed, "attack", name, state, size, k)
+    reconstruction = attack(view.to(device), rng).to("cpu")  # on the device, scored on the CPU
     seconds = time.perf_counter() - start
     result = metrics.score(reconstruction, batch, TASK, view=view)
     iterations = float(reconstruction.info.get("steps", 0.0)) if hasattr(attack, "steps") else 0
@@ -552,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, help="ConvNet width")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _bench.add_device_option(parser)
     parser.add_argument(
         "--report", action="store_true", help="only rewrite the tables from the rows in --out"
     )
@@ -590,7 +592,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(done)} rows already in {runs}; {len(todo)} to run", flush=True)
     for name, state, size, k in todo:
         row = _bench.stamp(
-            run_one(cfg, name, state, size, k, models[state], images, out), facts["commit"]
+            run_one(cfg, name, state, size, k, models[state], images, out, args.device),
+            facts["commit"],
+            args.device,
         )
         _bench.append_row(runs, row, RUN_FIELDS)
         print(
