@@ -91,6 +91,10 @@ EXEMPT = {
         "fedleak/modifiers/pooler.py",
         "torch.tensor(0)",
     ): "the honest ablation's only secret, a 0-dim flag its readers take with int()",
+    (
+        "fedleak/attacks/rgap.py",
+        "torch.randn(stage.out_shape, generator=rng, dtype=torch.float64)",
+    ): "drawn on the CPU generator and moved, with the work dtype, on the next line",
 }
 NUMBERS = {"int", "float", "bool"}  # builtins that turn a tensor into a Python number
 READS = {"tolist", "item"}  # methods that do
