@@ -52,7 +52,7 @@ def _setting(model: nn.Module, task: Task = DIGITS, batch_size: int = 1, **train
 
 def test_recovers_a_cifar_photo_on_cnn6():
     # The paper's setting: CNN6 (LeakyReLU, no biases), random weights, one CIFAR-sized image,
-    # float32 weights and update.  Measured: 72.6 dB, SSIM 1.000, label right; 7-17 s on a
+    # float32 weights and update.  Measured: 72.6 dB, SSIM 1.000, label right; 17 s on a busy,
     # shared 2-core CPU (the Gram matrices of the ~3000-unknown systems dominate).
     truth = _photo()
     view = ServerView.from_local_step(_model(CIFAR), truth, CIFAR)
