@@ -235,7 +235,12 @@ class Observed(Strategy):
         """Strip the truth channel, capture observed clients, log failures, then aggregate."""
         replies = list(replies)
         clients = self._assigned
-        ok = [r for r in replies if not r.has_error()]
+        # In client order, not arrival order: FedAvg's float sums then come out the same on
+        # every runner and every run.
+        ok = sorted(
+            (r for r in replies if not r.has_error()),
+            key=lambda r: int(r.content[REPORT_KEY]["client"]),
+        )
         diverged = [r for r in replies if r.has_error() and federation.NON_FINITE in r.error.reason]
         if replies and len(diverged) == len(replies):
             raise federation.Diverged(
@@ -261,7 +266,7 @@ class Observed(Strategy):
         secure = self.exp.secure_aggregation
         captured = []
         watched = self.watched
-        for reply in sorted(ok, key=lambda r: int(r.content[REPORT_KEY]["client"])):
+        for reply in ok:
             # Watched clients pack their truth; it is stripped before the inner strategy sees it.
             packed = reply.content.pop(TRUTH_KEY) if TRUTH_KEY in reply.content else None
             if packed is not None and int(reply.content[REPORT_KEY]["client"]) in watched:
