@@ -50,6 +50,7 @@ def _setting(model: nn.Module, task: Task = DIGITS, batch_size: int = 1, **train
     return Setting(task, model, trainer)
 
 
+@pytest.mark.slow  # ~17 s: CNN6 on a 32x32 photo (the digits tests cover the fast path)
 def test_recovers_a_cifar_photo_on_cnn6():
     # The paper's setting: CNN6 (LeakyReLU, no biases), random weights, one CIFAR-sized image,
     # float32 weights and update.  Measured: 72.6 dB, SSIM 1.000, label right; 17 s on a busy,
