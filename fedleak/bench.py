@@ -27,11 +27,10 @@ Everything is checked before the first cell trains: the sweep's keys, every defe
 and value (each cell's experiment is built and checked as ``fedleak run`` would), with errors
 naming the value and the fix.
 
-Results.  ``DIR/results.csv`` gets one row per cell × attack as soon as the cell is finished:
-test accuracy, the drop against the reference, the attack's means over the attacked views
-(mse, psnr, ssim, label accuracy), the cell's strongest attack (max over attacks), Paper B's
-``mse_lower_bound`` for noise-defended cells (:mod:`fedleak.metrics.bound`) and DP-SGD's ε.
-``fedleak report DIR`` (:mod:`fedleak.report`) renders tables and the plot from it.
+Results.  ``DIR/results.csv`` gets one row per cell × attack as soon as the cell is finished
+(its columns: :mod:`fedleak.results`, which also loads a sweep as DataFrames); Paper B's bound
+comes from :mod:`fedleak.metrics.bound`.  ``fedleak report DIR`` (:mod:`fedleak.report`)
+renders tables and the plot from it.
 
 Resuming.  Running the same sweep into the same DIR skips every cell whose rows are in
 ``results.csv``; a cell whose federation finished but whose attacks did not is resumed; any
@@ -44,14 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import logging
 import math
 import os
 import re
 import shutil
-import statistics
 import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,7 +57,7 @@ from typing import Any
 
 import tomli_w
 
-from fedleak import config, seeding
+from fedleak import config, results, seeding
 from fedleak.config import Experiment
 from fedleak.defenses import DEFENSES
 from fedleak.registry import ConfigError, suggest
@@ -544,16 +540,14 @@ def _compatible(stored: Mapping[str, Any], new: Mapping[str, Any], root: Path) -
 
 def _finished(store: RunStore) -> dict[str, int]:
     """Cell id -> number of attack rows it has in results.csv."""
-    counts: dict[str, int] = {}
-    for row in store.rows("results.csv"):
-        counts[row["cell"]] = counts.get(row["cell"], 0) + 1
-    return counts
+    if not (store.root / "results.csv").is_file():
+        return {}
+    return results.read(store.root / "results.csv").groupby("cell").size().to_dict()
 
 
 def _reference_accuracy(store: RunStore, cell_id: str) -> float:
-    return next(
-        float(r["test_accuracy"]) for r in store.rows("results.csv") if r["cell"] == cell_id
-    )
+    rows = results.read(store.root / "results.csv")
+    return float(rows.loc[rows["cell"] == cell_id, "test_accuracy"].iloc[0])
 
 
 def _ensure(exp: Experiment, store: RunStore) -> str:
@@ -589,24 +583,21 @@ def cell_rows(
     cell: Cell, exp: Experiment, store: RunStore, reference: float | None
 ) -> list[dict[str, Any]]:
     """One row per attack of a finished cell: utility, privacy, its bound and ε."""
-    utility = store.rows("utility.csv")
-    accuracy = float(utility[-1]["test_accuracy"])
-    results = store.rows("results.csv")
+    accuracy = float(results.read(store.root / "utility.csv")["test_accuracy"].iloc[-1])
+    scores = results.read(store.root / "results.csv").reindex(columns=["attack_index", *METRICS])
+    grouped = scores.groupby("attack_index")
+    # NaN-skipping means over the attacked views, one row per configured attack in order
+    means = grouped.agg(results.mean).reindex(range(len(exp.attacks)))
+    views = grouped.size()
+    for index, attack in enumerate(exp.attacks):
+        if index not in views:
+            raise RuntimeError(f"{store.root}: attack {index} ({attack.name}) has no results")
     bound = _bound(exp, store)
     meta = store.meta()
     epsilon = meta.get("dpsgd", {}).get("epsilon", "")
-    per_attack = []
-    for index, attack in enumerate(exp.attacks):
-        mine = [r for r in results if r["attack_index"] == str(index)]
-        if not mine:
-            raise RuntimeError(f"{store.root}: attack {index} ({attack.name}) has no results")
-        means = {k: _mean(float(r[k]) for r in mine if k in r) for k in METRICS}
-        per_attack.append((index, attack.name, len(mine), means))
-    strongest = max(per_attack, key=lambda a: _key(a[3]["psnr"]))
-    best = {
-        f"max_{k}": _round(max((a[3][k] for a in per_attack), key=_key))
-        for k in ("psnr", "ssim", "label_acc")
-    }
+    # the strongest attack: the highest mean PSNR, the first on ties; NaN never wins
+    strongest = exp.attacks[int(means["psnr"].fillna(-math.inf).idxmax())].name
+    best = {f"max_{k}": round(float(means[k].max()), 6) for k in ("psnr", "ssim", "label_acc")}
     return [
         {
             "cell": cell.id,
@@ -615,19 +606,19 @@ def cell_rows(
             "strength": "" if cell.strength is None else cell.strength,
             "seed": cell.seed,
             "attack_index": index,
-            "attack": name,
-            "views": views,
+            "attack": attack.name,
+            "views": int(views[index]),
             "test_accuracy": accuracy,
             "reference_accuracy": accuracy if reference is None else reference,
-            "accuracy_drop": _round(0.0 if reference is None else reference - accuracy),
-            **{k: _round(v) for k, v in means.items()},
-            "mse_lower_bound": "" if bound is None else _round(bound),
+            "accuracy_drop": 0.0 if reference is None else round(reference - accuracy, 6),
+            **{k: round(float(v), 6) for k, v in means.loc[index].items()},
+            "mse_lower_bound": "" if bound is None else round(bound, 6),
             **best,
-            "strongest_attack": strongest[1],
+            "strongest_attack": strongest,
             "epsilon": epsilon,
             "cell_seconds": meta.get("seconds", ""),
         }
-        for index, name, views, means in per_attack
+        for index, attack in enumerate(exp.attacks)
     ]
 
 
@@ -667,32 +658,14 @@ def _bound(exp: Experiment, store: RunStore) -> float | None:
                     "reason": result.reason,
                 },
             )
-        rows = store.rows("bound.csv")
-    return _mean(float(r["mse_lower_bound"]) for r in rows)
+    return float(results.read(store.root / "bound.csv")["mse_lower_bound"].agg(results.mean))
 
 
 def _write_rows(store: RunStore, cell_id: str, rows: list[dict[str, Any]], replace: bool) -> None:
     """Append a cell's rows to results.csv; first drop its old rows when it was re-attacked."""
     if replace:
-        kept = [r for r in store.rows("results.csv") if r["cell"] != cell_id]
-        header = list(kept[0]) if kept else list(rows[0])
-        text = io.StringIO()
-        writer = csv.DictWriter(text, header, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(kept)
-        store.write_text("results.csv", text.getvalue())
+        kept = results.read(store.root / "results.csv").query("cell != @cell_id")
+        # in csv's own line ending, since RunStore.append_row adds the next rows with csv
+        store.write_text("results.csv", kept.to_csv(index=False, lineterminator="\r\n"))
     for row in rows:
         store.append_row("results.csv", row)
-
-
-def _mean(values: Any) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(finite) if finite else math.nan
-
-
-def _key(value: float) -> float:
-    return -math.inf if math.isnan(value) else value  # NaN (e.g. no labels) never wins
-
-
-def _round(value: float) -> float:
-    return value if math.isnan(value) else round(value, 6)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,25 +144,25 @@ def _flower_log(verbose: bool) -> None:
 
 
 def summary(store: RunStore) -> str:
-    """A short table: final utility, then mean privacy metrics per attack."""
+    """A short table: final utility, then mean privacy metrics per attack (NaN skipped)."""
+    from fedleak import results
+
     lines = []
-    utility = store.rows("utility.csv")
-    if utility:
-        last = utility[-1]
+    if (store.root / "utility.csv").is_file():
+        last = results.read(store.root / "utility.csv").iloc[-1]
         lines.append(
-            f"utility after round {last['round']}: "
-            f"test accuracy {float(last['test_accuracy']):.4f}, "
-            f"test loss {float(last['test_loss']):.4f}"
+            f"utility after round {last['round']:.0f}: test accuracy {last['test_accuracy']:.4f}, "
+            f"test loss {last['test_loss']:.4f}"
         )
-    results = store.rows("results.csv")
-    if results:
+    if (store.root / "results.csv").is_file():
+        scores = results.read(store.root / "results.csv")
         # the modality's headline metrics (metrics.HEADLINE), whichever the results carry
-        shown = [k for keys in HEADLINE.values() for k in keys if k in results[0]] + ["seconds"]
+        shown = [k for keys in HEADLINE.values() for k in keys if k in scores] + ["seconds"]
         lines.append(f"{'attack':<16}{'views':>6}" + "".join(f"{k:>11}" for k in shown))
-        for name in dict.fromkeys(r["attack"] for r in results):
-            rows = [r for r in results if r["attack"] == name]
-            means = (statistics.fmean(float(r[k]) for r in rows) for k in shown)
-            lines.append(f"{name:<16}{len(rows):>6}" + "".join(f"{m:>11.3f}" for m in means))
+        for name, row in results.summary(scores, shown).iterrows():
+            lines.append(
+                f"{name:<16}{row['views']:>6.0f}" + "".join(f"{row[k]:>11.3f}" for k in shown)
+            )
     return "\n".join(lines)
 
 

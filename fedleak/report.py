@@ -1,7 +1,8 @@
 """Tables and a plot from a sweep's results: privacy against utility, and at equal utility.
 
-``fedleak report DIR`` reads ``DIR/results.csv`` (written by ``fedleak bench``, see
-:mod:`fedleak.bench`) and writes ``DIR/report.md`` and ``DIR/privacy_utility.png``:
+``fedleak report DIR`` reads ``DIR/results.csv`` (written by ``fedleak bench``; its columns:
+:mod:`fedleak.results`) with pandas and writes ``DIR/report.md`` and
+``DIR/privacy_utility.png``:
 
 * one row per defense × strength, averaged over seeds: test accuracy, accuracy drop against
   the undefended run of the same seed, and the strongest attack's privacy scores (per cell the
@@ -21,38 +22,21 @@ Drops are in percentage points of test accuracy (1 = one point, e.g. 0.91 -> 0.9
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
-import statistics
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
+from fedleak import results
 from fedleak.registry import ConfigError
 
 DROPS = (1.0, 2.0, 5.0)  # percentage points, Paper A's and the notes' default targets
 NONE = "none"
-
-
-@dataclass(frozen=True)
-class Point:
-    """One defense at one strength, averaged over its seeds."""
-
-    defense: str  # the sweep's label ("none" for the reference)
-    parameter: str
-    strength: str  # as written in results.csv ("" for the reference)
-    seeds: int
-    accuracy: float
-    drop: float  # percentage points
-    psnr: float  # strongest attack (max over attacks), dB
-    ssim: float
-    label_acc: float
-    strongest: str  # the attack with the highest PSNR most often
-    mse: float  # the strongest attack's MSE (its mean over views)
-    mse_lower_bound: float  # Paper B's bound (NaN when it does not apply)
-    epsilon: float  # DP-SGD's ε (NaN without DP-SGD)
+_CELL = ("defense", "strength", "parameter", "test_accuracy", "accuracy_drop")  # per cell
 
 
 @dataclass(frozen=True)
@@ -84,72 +68,69 @@ def at_drop(curve: Sequence[tuple[float, float]], target: float) -> AtDrop | Non
     return None
 
 
-def load(directory: str | Path) -> list[dict[str, str]]:
-    """The rows of ``DIR/results.csv``."""
+def load(directory: str | Path) -> pd.DataFrame:
+    """``DIR/results.csv`` (:func:`fedleak.results.read`), refused while it has no rows."""
     path = Path(directory) / "results.csv"
-    if not path.is_file():
-        raise ConfigError(
-            f"No results at {path}; run `fedleak bench SWEEP.toml --out {directory}`."
-        )
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+    rows = results.read(path)
+    if rows.empty:
         raise ConfigError(f"{path} has no rows yet; no cell of the sweep has finished.")
     return rows
 
 
-def points(rows: Sequence[dict[str, str]], order: Sequence[tuple[str, str]] = ()) -> list[Point]:
-    """One :class:`Point` per (defense, strength), in ``order`` (then first appearance)."""
-    cells: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
-        cells.setdefault(row["cell"], []).append(row)
-    groups: dict[tuple[str, str], list[list[dict[str, str]]]] = {}
-    for attack_rows in cells.values():
-        first = attack_rows[0]
-        groups.setdefault((first["defense"], first["strength"]), []).append(attack_rows)
-    rank = {key: i for i, key in enumerate(order)}
-    keys = sorted(groups, key=lambda k: (k[0] != NONE, rank.get(k, len(rank))))
-    out = []
-    for key in keys:
-        runs = groups[key]
-        strongest = [max(r, key=lambda x: _key(_float(x["psnr"]))) for r in runs]
-        names = [s["attack"] for s in strongest]
-        out.append(
-            Point(
-                defense=key[0],
-                parameter=runs[0][0]["parameter"],
-                strength=key[1],
-                seeds=len(runs),
-                accuracy=_mean(_float(r[0]["test_accuracy"]) for r in runs),
-                drop=100 * _mean(_float(r[0]["accuracy_drop"]) for r in runs),
-                psnr=_mean(_best(r, "psnr") for r in runs),
-                ssim=_mean(_best(r, "ssim") for r in runs),
-                label_acc=_mean(_best(r, "label_acc") for r in runs),
-                strongest=max(set(names), key=names.count),
-                mse=_mean(_float(s["mse"]) for s in strongest),
-                mse_lower_bound=_mean(_float(r[0].get("mse_lower_bound", "")) for r in runs),
-                epsilon=_mean(_float(r[0].get("epsilon", "")) for r in runs),
-            )
+def points(rows: pd.DataFrame, order: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
+    """One row per (defense, strength), in ``order`` (then first appearance), the reference first.
+
+    Columns: defense, strength (as results.csv writes it, "" for the reference), parameter,
+    seeds, accuracy, drop (percentage points), psnr, ssim, label_acc (each the maximum over the
+    cell's attacks, then the mean over seeds), strongest (the attack with the highest PSNR in
+    most seeds), mse (the strongest attack's), mse_lower_bound and epsilon (NaN where they do
+    not apply).  NaN never wins a maximum and means skip it.
+    """
+    by_cell = rows.groupby("cell", sort=False)
+    strongest = rows.loc[rows["psnr"].fillna(-math.inf).groupby(rows["cell"]).idxmax()]
+    cells = (
+        rows.drop_duplicates("cell")  # what a cell's attack rows share: its first row's
+        .set_index("cell")
+        # a column results.csv lacks (written before the bound and ε were recorded) reads NaN
+        .reindex(columns=[*_CELL, "mse_lower_bound", "epsilon"])
+        .assign(
+            **by_cell[["psnr", "ssim", "label_acc"]].max(),
+            strongest=strongest.set_index("cell")["attack"],
+            mse=strongest.set_index("cell")["mse"],
         )
-    return out
+    )
+    summary = cells.groupby(["defense", "strength"], sort=False).agg(
+        parameter=("parameter", "first"),
+        seeds=("psnr", "size"),
+        accuracy=("test_accuracy", results.mean),
+        drop=("accuracy_drop", results.mean),
+        psnr=("psnr", results.mean),
+        ssim=("ssim", results.mean),
+        label_acc=("label_acc", results.mean),
+        strongest=("strongest", lambda names: names.value_counts(sort=False).idxmax()),
+        mse=("mse", results.mean),
+        mse_lower_bound=("mse_lower_bound", results.mean),
+        epsilon=("epsilon", results.mean),
+    )
+    summary["drop"] *= 100
+    rank = {key: i for i, key in enumerate(order)}
+    keys = [(key[0] != NONE, rank.get(key, len(rank))) for key in summary.index]
+    return summary.iloc[sorted(range(len(keys)), key=keys.__getitem__)].reset_index()
 
 
-def curves(summary: Sequence[Point]) -> dict[str, list[Point]]:
+def curves(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Each defense's points in strength order, the undefended point first."""
-    reference = [p for p in summary if p.defense == NONE]
-    out: dict[str, list[Point]] = {}
-    for p in summary:
-        if p.defense != NONE:
-            out.setdefault(p.defense, list(reference)).append(p)
-    return out
+    reference = summary[summary.defense == NONE]
+    defended = summary[summary.defense != NONE].groupby("defense", sort=False)
+    return {name: pd.concat([reference, points]) for name, points in defended}
 
 
 def equal_utility(
-    summary: Sequence[Point], drops: Sequence[float] = DROPS
+    summary: pd.DataFrame, drops: Sequence[float] = DROPS
 ) -> dict[str, list[AtDrop | None]]:
     """Each defense's strongest-attack PSNR at each target drop (None: not reached)."""
     return {
-        name: [at_drop([(p.drop, p.psnr) for p in curve], u) for u in drops]
+        name: [at_drop(list(zip(curve["drop"], curve["psnr"], strict=True)), u) for u in drops]
         for name, curve in curves(summary).items()
     }
 
@@ -170,7 +151,7 @@ def render(directory: str | Path, drops: Sequence[float] = DROPS) -> tuple[Path,
     return md, png
 
 
-def markdown(summary: Sequence[Point], drops: Sequence[float], sweep: dict, image: str = "") -> str:
+def markdown(summary: pd.DataFrame, drops: Sequence[float], sweep: dict, image: str = "") -> str:
     """The report as Markdown text."""
     lines = [f"# Privacy–utility sweep: {sweep.get('name', '')}".rstrip(": "), ""]
     if sweep.get("description"):
@@ -202,7 +183,7 @@ def markdown(summary: Sequence[Point], drops: Sequence[float], sweep: dict, imag
         "| strongest | MSE | MSE bound | ε |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in summary:
+    for p in summary.itertuples():
         strength = f"{p.parameter} = {p.strength}" if p.parameter else "—"
         lines.append(
             f"| {p.defense} | {strength} | {p.seeds} | {p.accuracy:.4f} | {p.drop:+.2f} "
@@ -211,7 +192,7 @@ def markdown(summary: Sequence[Point], drops: Sequence[float], sweep: dict, imag
             f"| {_fmt(p.epsilon, '.3g')} |"
         )
     table = equal_utility(summary, drops)
-    reference = next((p for p in summary if p.defense == NONE), None)
+    reference = next(summary[summary.defense == NONE].itertuples(), None)
     lines += [
         "",
         "## At equal utility (Paper A)",
@@ -246,19 +227,19 @@ def markdown(summary: Sequence[Point], drops: Sequence[float], sweep: dict, imag
                 cells.append("not reached")
                 continue
             curve = all_curves[name]
-            where = curve[value.lower].strength or NONE
+            where = curve["strength"].iloc[value.lower] or NONE
             if value.fraction:  # between two swept strengths
-                where += f"–{curve[value.lower + 1].strength}"
-            text = f"{value.privacy:.2f} ({curve[-1].parameter} {where})"
+                where += f"–{curve['strength'].iloc[value.lower + 1]}"
+            text = f"{value.privacy:.2f} ({curve['parameter'].iloc[-1]} {where})"
             cells.append(f"**{text}**" if value.privacy == best[i] else text)
-        largest = max(p.drop for p in all_curves[name][1:])
+        largest = summary.loc[summary.defense == name, "drop"].max()
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {largest:+.2f} |")
     if image:
         lines += ["", f"![privacy against utility]({image})", ""]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: Sequence[Point], path: Path, drops: Sequence[float] = DROPS) -> Path:
+def plot(summary: pd.DataFrame, path: Path, drops: Sequence[float] = DROPS) -> Path:
     """The strongest attack's PSNR against accuracy drop, one line per defense (PNG)."""
     try:
         import matplotlib
@@ -271,9 +252,8 @@ def plot(summary: Sequence[Point], path: Path, drops: Sequence[float] = DROPS) -
         ) from None
     figure, axes = plt.subplots(figsize=(8, 5.5))
     for name, curve in curves(summary).items():
-        xs, ys = [p.drop for p in curve], [p.psnr for p in curve]
-        (line,) = axes.plot(xs, ys, marker="o", label=name)
-        for p in curve[1:]:
+        (line,) = axes.plot(curve["drop"], curve["psnr"], marker="o", label=name)
+        for p in curve.iloc[1:].itertuples():
             axes.annotate(
                 p.strength,
                 (p.drop, p.psnr),
@@ -282,7 +262,7 @@ def plot(summary: Sequence[Point], path: Path, drops: Sequence[float] = DROPS) -
                 fontsize=7,
                 color=line.get_color(),
             )
-    reference = next((p for p in summary if p.defense == NONE), None)
+    reference = next(summary[summary.defense == NONE].itertuples(), None)
     if reference:
         axes.plot(
             [reference.drop],
@@ -323,26 +303,6 @@ def _order(sweep: dict) -> list[tuple[str, str]]:
 def _training(base: dict) -> str:
     t = base.get("training", {})
     return f"{t.get('name', '?')} lr {t.get('lr', '?')} batch {t.get('batch_size', '?')}"
-
-
-def _best(rows: Sequence[dict[str, str]], metric: str) -> float:
-    return max((_float(r[metric]) for r in rows), key=_key)
-
-
-def _key(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
-
-
-def _float(text: str | None) -> float:
-    try:
-        return float(text) if text not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
-def _mean(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(finite) if finite else math.nan
 
 
 def _fmt(value: float, spec: str) -> str:

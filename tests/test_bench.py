@@ -283,8 +283,12 @@ def test_points_take_the_strongest_attack_per_run_then_the_mean_over_seeds(tmp_p
         _row("n-0.1-s1", "n", "0.1", 1, "b", 0.88, 0.04, 8, 0.1, mse_lower_bound="0.03"),
         _row("n-1-s0", "n", "1", 0, "a", 0.80, 0.10, 5, 0.05),
     ]
-    summary = report.points(rows, order=[("n", "0.1"), ("n", "1")])
-    none, weak, strong = summary
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "mse_lower_bound"], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = report.points(report.load(tmp_path), order=[("n", "0.1"), ("n", "1")])
+    none, weak, strong = summary.itertuples()
     assert none.defense == "none" and none.seeds == 2
     assert none.psnr == pytest.approx((40 + 50) / 2)  # per run max over attacks, then mean
     assert none.ssim == pytest.approx((0.95 + 0.8) / 2)  # each metric's own max
@@ -298,10 +302,6 @@ def test_points_take_the_strongest_attack_per_run_then_the_mean_over_seeds(tmp_p
     assert "not reached" in text and "| n | std = 0.1 | 2 |" in text
 
     # render works from the CSV alone (no sweep.toml), and names a missing one clearly
-    with open(tmp_path / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, [*rows[0], "mse_lower_bound"], restval="")
-        writer.writeheader()
-        writer.writerows(rows)
     md, png = report.render(tmp_path, [1.0, 2.0])
     assert md.read_text().count("| n |") == 3 and png.stat().st_size > 1000  # 2 settings + 1
     assert main(["report", str(tmp_path / "nowhere")]) == 2
