@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "simulations" / "benchmarks"
@@ -290,6 +291,8 @@ def test_text_verdict_pairs_a_partial_cell_with_its_own_batches(monkeypatch):
         "attacks": [{"label": "TAG"}, {"label": "LAMP"}, {"label": "Pooler-SELU"}],
         "batch_sizes": [2],
     }
+    numbers = {"B": int, "batch": int, "seconds": float, **dict.fromkeys(script.SCORES, float)}
+    rows = pd.DataFrame(rows).astype(numbers)
     line = script.verdict(script.summarise(rows, cfg), rows, cfg)[0]
     # +10 and +20 on batches 0 and 1 (unpaired, 70.0 - 72.5 would say -2.5); no TAG rows
     assert "LAMP 72.5; pooler attacks vs LAMP: Pooler-SELU +15.0 ± 5.0 " in line, line

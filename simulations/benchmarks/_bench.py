@@ -12,7 +12,6 @@ import io
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import tomllib
@@ -20,8 +19,10 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from fedleak import results
 from fedleak.device import CHOICES, resolve
 from fedleak.sim import OFFLINE_ENV  # flwr-free: Flower is not imported yet
 
@@ -94,6 +95,14 @@ def read_rows(path: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_runs(path: Path, fields: list[str]) -> pd.DataFrame:
+    """A runs file as a DataFrame, typed by :func:`fedleak.results.read`; no rows (but its
+    columns) when it does not exist yet, so a page can be written before the first row."""
+    if path.is_file():
+        return results.read(path)
+    return pd.DataFrame({f: pd.Series(dtype=str if f in results.TEXT else float) for f in fields})
 
 
 def append_row(path: Path, row: dict, fields: list[str]) -> None:
@@ -169,23 +178,26 @@ def stamp(row: dict, measured: str, device: torch.device | str = "cpu") -> dict:
     }
 
 
-def provenance(rows: list[dict]) -> str:
+def provenance(rows: pd.DataFrame) -> str:
     """When and at which commits ``rows`` were computed, from their stamps."""
-    stamped = [r for r in rows if r.get("finished")]
-    if not stamped:
+    stamped = rows[rows["finished"] != ""] if "finished" in rows else rows.iloc[:0]
+    if stamped.empty:
         return "rows not stamped (written before runs recorded their commit)"
-    commits = list(dict.fromkeys(r["commit"] for r in stamped))
-    times = sorted(r["finished"] for r in stamped)
-    text = f"rows finished {times[0]} to {times[-1]} at commit {', '.join(commits)}"
+    commits = stamped["commit"].unique()  # in order of appearance
+    text = (
+        f"rows finished {stamped['finished'].min()} to {stamped['finished'].max()} at commit "
+        f"{', '.join(commits)}"
+    )
     if len(stamped) < len(rows):
         text += f" ({len(rows) - len(stamped)} earlier rows unstamped)"
-    ran = [f"{r['device']} ({r['threads']} threads)" for r in stamped if r.get("device")]
-    if ran:
-        text += f", on {', '.join(dict.fromkeys(ran))}"
+    ran = stamped[stamped["device"] != ""] if "device" in stamped else stamped.iloc[:0]
+    if not ran.empty:
+        where = ran["device"] + " (" + ran["threads"].astype(int).astype(str) + " threads)"
+        text += f", on {', '.join(where.unique())}"
     return text
 
 
-def check_budget(budgets: list[float], steps: int, runs: Path) -> None:
+def check_budget(budgets: pd.Series, steps: int, runs: Path) -> None:
     """Refuse to describe rows run at another budget than ``steps`` (0: no budget, e.g. a
     closed-form attack): the page states the budget from the settings, not from the rows."""
     other = sorted({int(b) for b in budgets if b and int(b) != steps})
@@ -223,25 +235,10 @@ def atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_summary(table: Path, rows: list[dict], fields: list[str], page: Path, text: str) -> str:
+def write_summary(
+    table: Path, summary: pd.DataFrame, fields: list[str], page: Path, text: str
+) -> str:
     """Write a benchmark's summary table (CSV) and its Markdown page; return the page."""
-    write_csv(table, rows, fields)
+    write_csv(table, summary.to_dict("records"), fields)
     atomic(page, text)
     return text
-
-
-def finite_mean(values: list[float]) -> float:
-    """The mean of the non-NaN values (NaN when there are none)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(finite) if finite else math.nan
-
-
-def standard_error(values: list[float]) -> float:
-    """The standard error of the mean of ``values`` (NaN with fewer than two)."""
-    return statistics.stdev(values) / math.sqrt(len(values)) if values[1:] else math.nan
-
-
-def finite_max(values: list[float]) -> float:
-    """The largest non-NaN value (NaN when there are none)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite) if finite else math.nan

@@ -40,7 +40,6 @@ import copy
 import dataclasses
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Iterable
@@ -50,10 +49,11 @@ from pathlib import Path
 
 import _bench  # first: keeps Flower offline
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from fedleak import hf, metrics, seeding
+from fedleak import hf, metrics, results, seeding
 from fedleak.attacks import ATTACKS
 from fedleak.core import Batch, Reconstruction, ServerView, Task
 from fedleak.data import text as text_data
@@ -290,40 +290,26 @@ def run_one(
 
 
 # -- tables ---------------------------------------------------------------------------------
-def summarise(rows: list[dict], cfg: dict) -> list[dict]:
-    out = []
-    for name in cfg["datasets"]:
-        for spec in cfg["attacks"]:
-            for size in cfg["batch_sizes"]:
-                cell = [
-                    r
-                    for r in rows
-                    if (r["dataset"], r["attack"], int(r["B"])) == (name, spec["label"], size)
-                ]
-                if not cell:
-                    continue
-                out.append(
-                    {
-                        "dataset": name,
-                        "attack": spec["label"],
-                        "B": size,
-                        "batches": len(cell),
-                        **{
-                            f: _bench.finite_mean([float(r[f]) for r in cell])
-                            for f in [*SCORES, "seconds"]
-                        },
-                    }
-                )
-    return out
+def summarise(rows: pd.DataFrame, cfg: dict) -> pd.DataFrame:
+    """One row per (dataset, attack, B) with rows, in the settings' order; means skip NaN."""
+    grouped = rows.groupby(["dataset", "attack", "B"])
+    cells = grouped[[*SCORES, "seconds"]].agg(results.mean).assign(batches=grouped.size())
+    order = [
+        (name, spec["label"], size)
+        for name in cfg["datasets"]
+        for spec in cfg["attacks"]
+        for size in cfg["batch_sizes"]
+    ]
+    return cells.loc[[k for k in order if k in cells.index]].reset_index()
 
 
-def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
+def write_tables(out: Path, cfg: dict, rows: pd.DataFrame, facts: dict) -> str:
     summary = summarise(rows, cfg)
     page = markdown(cfg, summary, rows, {**facts, "provenance": _bench.provenance(rows)})
     return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
-def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> str:
+def markdown(cfg: dict, summary: pd.DataFrame, rows: pd.DataFrame, facts: dict) -> str:
     attacks = "; ".join(
         f"{a['label']} = `{a['attack']}`"
         + (f" + modifier `{a['modifier']}`" if "modifier" in a else "")
@@ -361,7 +347,7 @@ def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> s
         "R-2 clean | R-L clean | token acc | feature cos | s / batch | published R-1/R-2/R-L |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in summary:
+    for r in summary.to_dict("records"):
         lines.append(
             f"| {r['dataset']} | {r['attack']} | {r['B']} | {r['batches']} "
             + "".join(f"| {_bench.cell(100 * r[f], 1)} " for f in SCORES[:6])
@@ -393,7 +379,7 @@ def reference(cfg: dict, data: dict) -> str:
                 guess[words] = bag[torch.randint(len(bag), (int(words.sum()),), generator=rng)]
                 found = Reconstruction(inputs=guess, labels=batch.labels)
                 scores.append(metrics.score(found, batch, task)["rouge1_lamp"])
-            cells.append(f"{100 * _bench.finite_mean(scores):.1f}")
+            cells.append(f"{100 * results.mean(pd.Series(scores)):.1f}")
         parts.append(f"{name} {' / '.join(cells)}")
     sizes = " / ".join(str(b) for b in cfg["batch_sizes"])
     return (
@@ -413,20 +399,20 @@ def published(dataset: str, attack: str, size: int) -> str:
     return " / ".join(f"{row[i]:.1f}" for row in table)
 
 
-def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
+def verdict(summary: pd.DataFrame, rows: pd.DataFrame, cfg: dict) -> list[str]:
     """The issue's criterion: Pooler vs LAMP (R-1, mean over B = 2 and 4) and LAMP vs TAG, per
     data set and over all of them, on the cells that hold LAMP rows (named, with their batches).
 
     Each difference is the mean per-batch paired difference (the same sentences attacked both
     ways) with its standard error, since batches differ far more than attacks do."""
-    r1_of = {key(r): 100 * float(r["rouge1_lamp"]) for r in rows}
+    r1_of = 100 * rows.set_index(["dataset", "B", "batch", "attack"])["rouge1_lamp"].unstack()
     names = list(cfg["datasets"])
     lines = []
     for scope in [*names, "all"] if len(names) > 1 else names:
         datasets = names if scope == "all" else [scope]
         cells = {
             (r["dataset"], r["B"], r["attack"]): r
-            for r in summary
+            for r in summary.to_dict("records")
             if r["dataset"] in datasets and r["B"] in (2, 4)
         }
         where = [(d, b) for d in datasets for b in (2, 4) if (d, b, "LAMP") in cells]
@@ -438,24 +424,20 @@ def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
             found = [
                 cells[(d, b, attack)]["rouge1_lamp"] for d, b in where if (d, b, attack) in cells
             ]
-            return 100 * _bench.finite_mean(found) if found else math.nan
+            return 100 * results.mean(pd.Series(found, dtype=float))
 
         def gain(attack: str, than: str = "LAMP", where: list = where) -> str:
             # Paired within each cell: the mean difference over the batches both attacked (a
             # partial cell is compared on its own batches); cells weigh equally, as the means.
-            per_cell = [
-                [
-                    r1_of[(d, b, k, attack)] - value
-                    for (d_, b_, k, label), value in r1_of.items()
-                    if (d_, b_, label) == (d, b, than) and (d, b, k, attack) in r1_of
-                ]
-                for d, b in where
-            ]
-            per_cell = [diffs for diffs in per_cell if diffs]
-            if not per_cell:
+            if attack not in r1_of or than not in r1_of:
                 return "n/a"
-            mean = f"{statistics.fmean(statistics.fmean(c) for c in per_cell):+.1f}"
-            error = math.hypot(*(_bench.standard_error(c) for c in per_cell)) / len(per_cell)
+            diffs = (r1_of[attack] - r1_of[than]).dropna()
+            per_cell = diffs.groupby(level=["dataset", "B"]).agg([results.mean, "sem"])
+            per_cell = per_cell[per_cell.index.isin(where)]
+            if per_cell.empty:
+                return "n/a"
+            mean = f"{results.mean(per_cell['mean']):+.1f}"
+            error = math.hypot(*per_cell["sem"]) / len(per_cell)
             return mean if math.isnan(error) else f"{mean} ± {error:.1f}"
 
         lamp, tag = r1("LAMP"), r1("TAG")
@@ -652,8 +634,8 @@ def main(argv: list[str] | None = None) -> None:
         added = _bench.merge_rows(runs, args.merge, key, RUN_FIELDS)
         print(f"merged {added} rows into {runs}", flush=True)
     if args.report or args.merge:
-        rows = _bench.read_rows(runs)
-        _bench.check_budget([float(r["steps"]) for r in rows], cfg["steps"], runs)
+        rows = _bench.read_runs(runs, RUN_FIELDS)
+        _bench.check_budget(rows["steps"], cfg["steps"], runs)
         print(write_tables(out, cfg, rows, facts))
         return
     done = {key(r) for r in _bench.read_rows(runs)}
@@ -669,8 +651,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['token_acc']:.2f} feature cos {row['feature_cos']:.3f} {row['seconds']:.1f} s",
             flush=True,
         )
-        write_tables(out, cfg, _bench.read_rows(runs), facts)
-    print(write_tables(out, cfg, _bench.read_rows(runs), facts))
+        write_tables(out, cfg, _bench.read_runs(runs, RUN_FIELDS), facts)
+    print(write_tables(out, cfg, _bench.read_runs(runs, RUN_FIELDS), facts))
 
 
 if __name__ == "__main__":

@@ -43,11 +43,12 @@ from pathlib import Path
 
 import _bench  # first: keeps Flower offline (imported by nothing here, but harmless)
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from fedleak import metrics, seeding
+from fedleak import metrics, results, seeding
 from fedleak.attacks import ATTACKS
 from fedleak.core import Batch, Reconstruction, ServerView
 from fedleak.data import _sources, cifar10
@@ -307,47 +308,33 @@ def run_one(cfg, name, state, size, k, base, images, out, device="cpu") -> dict:
 
 
 # -- tables ---------------------------------------------------------------------------------
-def summarise(rows: list[dict], cfg: dict) -> list[dict]:
-    out = []
-    for state in cfg["states"]:
-        for size in cfg["batch_sizes"]:
-            for name in cfg["attacks"]:
-                cell = [
-                    r
-                    for r in rows
-                    if (r["attack"], r["state"], int(r["B"])) == (name, state, size)
-                    and r["status"] == "ok"
-                ]
-                if not cell:
-                    continue
-                values = {f: [float(r[f]) for r in cell] for f in RUN_FIELDS[6:16]}
-                out.append(
-                    {
-                        "attack": name,
-                        "state": state,
-                        "B": size,
-                        "batches": len(cell),
-                        "psnr_mean": _bench.finite_mean(values["psnr"]),
-                        "psnr_max": _bench.finite_max(values["psnr_max"]),
-                        "ssim_mean": _bench.finite_mean(values["ssim"]),
-                        "ssim_max": _bench.finite_max(values["ssim_max"]),
-                        "label_acc": _bench.finite_mean(values["label_acc"]),
-                        "feature_cos": _bench.finite_mean(values["feature_cos"]),
-                        "lpips": _bench.finite_mean(values["lpips"]),
-                        "seconds": _bench.finite_mean(values["seconds"]),
-                        "it_per_s": _bench.finite_mean(values["it_per_s"]),
-                    }
-                )
-    return out
+def summarise(rows: pd.DataFrame, cfg: dict) -> pd.DataFrame:
+    """One row per (attack, state, B) with finished batches, in the settings' order; means and
+    maxima skip NaN (a metric that does not apply)."""
+    cells = (
+        rows[rows["status"] == "ok"]
+        .groupby(["attack", "state", "B"])
+        .agg(
+            batches=("psnr", "size"),
+            psnr_mean=("psnr", results.mean),
+            psnr_max=("psnr_max", "max"),
+            ssim_mean=("ssim", results.mean),
+            ssim_max=("ssim_max", "max"),
+            **{f: (f, results.mean) for f in ("label_acc", "feature_cos", "lpips", "seconds")},
+            it_per_s=("it_per_s", results.mean),
+        )
+    )
+    order = [(a, s, b) for s in cfg["states"] for b in cfg["batch_sizes"] for a in cfg["attacks"]]
+    return cells.loc[[k for k in order if k in cells.index]].reset_index()
 
 
-def write_tables(out: Path, cfg: dict, rows: list[dict], facts: dict) -> str:
+def write_tables(out: Path, cfg: dict, rows: pd.DataFrame, facts: dict) -> str:
     summary = summarise(rows, cfg)
     page = markdown(cfg, summary, rows, {**facts, "provenance": _bench.provenance(rows)})
     return _bench.write_summary(out / SUMMARY, summary, SUMMARY_FIELDS, out / PAGE, page)
 
 
-def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> str:
+def markdown(cfg: dict, summary: pd.DataFrame, rows: pd.DataFrame, facts: dict) -> str:
     lpips_note = (
         "LPIPS (AlexNet) computed."
         if lpips_available()
@@ -386,7 +373,7 @@ def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> s
         "label acc | feature cos | lpips | seconds | it/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in summary:
+    for r in summary.to_dict("records"):
         lpips = "not computed" if math.isnan(r["lpips"]) else f"{r['lpips']:.3f}"
         lines.append(
             f"| {r['attack']} | {r['state']} | {r['B']} | {r['batches']} | {r['psnr_mean']:.2f} "
@@ -399,22 +386,18 @@ def markdown(cfg: dict, summary: list[dict], rows: list[dict], facts: dict) -> s
     return "\n".join(lines)
 
 
-def verdict(summary: list[dict], rows: list[dict], cfg: dict) -> list[str]:
+def verdict(summary: pd.DataFrame, rows: pd.DataFrame, cfg: dict) -> list[str]:
     """The issue's criteria: Inverting Gradients >= 25 dB at B = 1 on the untrained ConvNet, and
     the feature attack >= 2 dB mean PSNR above it at every B >= 2; cells with fewer batches than
     the settings ask for are marked partial.  Each difference carries the standard error of the
     per-batch paired difference (the same images attacked both ways)."""
-    cells = {(r["attack"], r["state"], r["B"]): r for r in summary}
-    psnr = {key(r): float(r["psnr"]) for r in rows}
+    cells = {(r["attack"], r["state"], r["B"]): r for r in summary.to_dict("records")}
+    psnr = rows.set_index(["state", "B", "batch", "attack"])["psnr"].unstack("attack")
 
     def se(name: str, state: str, size: int) -> str:
-        batches = [k for (a, s, b, k) in psnr if (a, s, b) == (name, state, size)]
-        diffs = [
-            psnr[(name, state, size, k)] - psnr[("inverting_gradients", state, size, k)]
-            for k in batches
-            if ("inverting_gradients", state, size, k) in psnr
-        ]
-        error = _bench.standard_error(diffs)
+        # over the batches both attacks ran (a partial cell is paired on its own batches)
+        diffs = (psnr[name] - psnr["inverting_gradients"]).loc[(state, size)].dropna()
+        error = diffs.sem()
         return "" if math.isnan(error) else f" ± {error:.2f}"
 
     def partial(*rows: dict) -> str:
@@ -460,8 +443,9 @@ def reference(cfg: dict, images: Batch) -> str:
             # model input 0 is the normalisation mean: the mean colour of the data set
             guess = Reconstruction(inputs=torch.zeros_like(batch.inputs), labels=batch.labels)
             cell.append(metrics.score(guess, batch, TASK))
-        psnr.append(f"{_bench.finite_mean([s['psnr'] for s in cell]):.2f}")
-        ssim.append(f"{_bench.finite_mean([s['ssim'] for s in cell]):.3f}")
+        means = pd.DataFrame(cell).agg(results.mean)  # over the batches
+        psnr.append(f"{means['psnr']:.2f}")
+        ssim.append(f"{means['ssim']:.3f}")
     sizes = " / ".join(str(b) for b in cfg["batch_sizes"])
     return (
         f"Reference, no attack: the data set's mean colour as every reconstruction scores PSNR "
@@ -581,8 +565,8 @@ def main(argv: list[str] | None = None) -> None:
         added = _bench.merge_rows(runs, args.merge, key, RUN_FIELDS)
         print(f"merged {added} rows into {runs}", flush=True)
     if args.report or args.merge:
-        rows = _bench.read_rows(runs)
-        _bench.check_budget([float(r["iterations"]) for r in rows], cfg["steps"], runs)
+        rows = _bench.read_runs(runs, RUN_FIELDS)
+        _bench.check_budget(rows["iterations"], cfg["steps"], runs)
         print(write_tables(out, cfg, rows, facts))
         grid(out, cfg)
         return
@@ -602,8 +586,8 @@ def main(argv: list[str] | None = None) -> None:
             f"labels {row['label_acc']:.2f} {row['seconds']:.1f} s",
             flush=True,
         )
-        write_tables(out, cfg, _bench.read_rows(runs), facts)
-    page = write_tables(out, cfg, _bench.read_rows(runs), facts)
+        write_tables(out, cfg, _bench.read_runs(runs, RUN_FIELDS), facts)
+    page = write_tables(out, cfg, _bench.read_runs(runs, RUN_FIELDS), facts)
     grid(out, cfg)
     print(page)
 
