@@ -60,7 +60,8 @@ class Scorer(Protocol):
 
         Row ``k`` is ``[CLS] w_1 … w_n [SEP]`` followed by anything, with ``lengths[k] = n + 2``;
         the tokens at positions ``1 … lengths[k] - 1`` (the words and ``[SEP]``) are scored,
-        each given the ones before it.
+        each given the ones before it.  Returned on the CPU as float64, whatever the device of
+        ``ids`` (the tables are looked up there); the caller moves the scores.
         """
 
 

@@ -392,7 +392,8 @@ class LAMP:
         dots = torch.stack([(p * o).sum() for p, o in zip(predicted, observed, strict=True)])
         pp = torch.stack([p.pow(2).sum() for p in predicted])
         oo = torch.stack([o.pow(2).sum() for o in observed])
-        weights = problem.weights.to(dots.dtype) * (oo > 0)  # an all-zero tensor has no direction
+        # The layer weights are CPU float64 (layer_weights); an all-zero tensor has no direction.
+        weights = problem.weights.to(dots) * (oo > 0)
         cosines = dots / (pp.sqrt() * oo.sqrt()).clamp_min(1e-20)
         return (weights * (1 - cosines)).sum() / weights.sum().clamp_min(1e-20)
 
@@ -457,7 +458,8 @@ class LAMP:
             others = float(nll.sum() - nll[row])
             prior = (others + problem.prior.nll(candidates, lengths)) / float(tokens.sum())
             scores = self._candidate_losses(problem, free.detach(), row, words)
-            total = scores + self.prior_weight * prior.to(scores.dtype)
+            # The prior scores on the CPU (lm.Scorer); the distances are on the view's device.
+            total = scores + self.prior_weight * prior.to(scores)
             extra = self._candidate_extra(problem, free.detach(), row, words)
             if extra is not None:
                 total = total + extra.to(total.dtype)
