@@ -1,25 +1,36 @@
-"""Device support: a lint that no tensor is created off the run's device, and CPU runs with it.
+"""Device support: a lint that no tensor is created off the run's device, and a fake device.
 
-There is no GPU on the machines the tests run on, so correctness on cuda and mps rests on the
-lint: every torch factory call in the code that computes on a client's or an attack's tensors
-names its device (``device=x.device``), or is moved there at once (``.to(device)``), or is
-listed below with the reason it may stay on the CPU.
+There is no GPU on the machines the tests run on, so correctness on cuda and mps rests on two
+checks.  The lint: every torch factory call in the code that computes on a client's or an
+attack's tensors names its device (``device=x.device``), or is moved there at once
+(``.to(device)``), or is listed below with the reason it may stay on the CPU.  The fake device:
+every attack and a client's round (training, defenses, evaluation) run on tensors that report
+another device and refuse CPU operands as CUDA does, and must give the CPU's numbers exactly.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
+import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fedleak import config, pipeline, seeding
+from fedleak import config, federation, pipeline, seeding
 from fedleak.core import Batch, ServerView, Task
 from fedleak.defenses import DEFENSES
 from fedleak.device import resolve
 from fedleak.registry import ConfigError
+from fedleak.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = [
@@ -262,7 +273,7 @@ def test_a_federated_round_and_attacks_run_on_an_explicit_cpu_device(tmp_path, t
 
 def test_a_view_moves_whole_and_defenses_keep_its_device() -> None:
     """On the meta device (shapes only, no data): nothing is left on, or made on, the CPU."""
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     batch = Batch(torch.randn(2, 1, 2, 2, generator=seeding.rng(0)), torch.tensor([0, 2]))
     view = ServerView.from_local_step(model, batch, Task("image", (1, 2, 2), 3))
     moved = view.to("meta")
@@ -274,3 +285,257 @@ def test_a_view_moves_whole_and_defenses_keep_its_device() -> None:
     for name in ("gaussian_noise", "laplacian_noise"):
         defended = DEFENSES[name]()(delta, seeding.rng(0))
         assert all(t.is_meta for t in defended.values()), name
+
+
+# -- a fake device: every attack and client step computed "off the CPU" ------------------------
+#
+# The lint sees where tensors are made, not where they meet: a CPU tensor (a prior's scores, a
+# table of weights) added to a device tensor passes it and fails on a GPU.  The fake device
+# finds those.  Its tensors are CPU tensors wrapped to report the meta device (a device every
+# torch build has, whose kernels update a wrapper's shape when an in-place op such as squeeze_
+# changes it).  Every op runs on the CPU data underneath, so results must equal the CPU's bit
+# for bit; and, as CUDA does, an op refuses a CPU operand with dimensions next to a device
+# tensor (CPU scalars and CPU index tensors are allowed), a CPU generator drawing on the device,
+# and .numpy().
+
+FAKE = torch.device("meta")
+_aten = torch.ops.aten
+_INDEXING = {
+    _aten.index.Tensor,
+    _aten.index_put.default,
+    _aten.index_put_.default,
+    _aten._index_put_impl_.default,
+}
+
+
+def _faked(device: object) -> bool:
+    return device is not None and torch.device(device).type == FAKE.type
+
+
+class _OnDevice(torch.Tensor):
+    """A CPU tensor ``elem`` that reports the fake device."""
+
+    elem: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor) -> _OnDevice:
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            elem.shape,
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            layout=elem.layout,
+            device=FAKE,
+            requires_grad=elem.requires_grad,
+        )
+
+    def __init__(self, elem: torch.Tensor) -> None:
+        self.elem = elem
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func} on a fake-device tensor outside fake_device()")
+
+
+class _Functions(TorchFunctionMode):
+    """What happens above dispatch: tensors from Python data, ``.tolist()``, list indices."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and _faked(kwargs.get("device")):
+            return func(*args, **{**kwargs, "device": "cpu"}).to(FAKE)
+        if func is torch.Tensor.tolist and isinstance(args[0], _OnDevice):
+            return args[0].elem.tolist()
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and isinstance(
+            args[0], _OnDevice
+        ):
+            # On a device, Python lists in an index become index tensors on that device.
+            def listed(i: object) -> object:
+                return torch.tensor(i).to(FAKE) if isinstance(i, list) else i
+
+            index = args[1]
+            index = tuple(map(listed, index)) if isinstance(index, tuple) else listed(index)
+            args = (args[0], index, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Dispatch(TorchDispatchMode):
+    """Every op: refuse mixed devices, compute on the CPU data, wrap what lands on the device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        leaves = pytree.tree_leaves((args, kwargs))
+        on = any(isinstance(t, _OnDevice) for t in leaves)
+        target = kwargs.get("device", FAKE if on else None)
+        if on and func not in (_aten._to_copy.default, _aten.copy_.default):
+            indices = {id(t) for t in pytree.tree_leaves(args[1])} if func in _INDEXING else set()
+            stray = [
+                t
+                for t in leaves
+                if type(t) is torch.Tensor and t.dim() > 0 and id(t) not in indices
+            ]
+            if stray:
+                shape = tuple(stray[0].shape)
+                raise RuntimeError(f"{func}: a CPU tensor {shape} next to device tensors")
+        if _faked(target):
+            if kwargs.get("generator") is not None:
+                raise RuntimeError(f"{func}: a CPU generator cannot draw on the device")
+            if "device" in kwargs:
+                kwargs["device"] = torch.device("cpu")
+        wrappers = {}
+
+        def unwrap(t: object) -> object:
+            if isinstance(t, _OnDevice):
+                wrappers[id(t.elem)] = t
+                return t.elem
+            return t
+
+        out = func(*pytree.tree_map(unwrap, args), **pytree.tree_map(unwrap, kwargs))
+        for t in wrappers.values():  # an in-place op that changed the shape (squeeze_, t_, ...)
+            if t.shape != t.elem.shape or t.stride() != t.elem.stride():
+                with torch._C._DisableTorchDispatch():  # the meta kernel: metadata only
+                    _aten.as_strided_.default(
+                        t, t.elem.shape, t.elem.stride(), t.elem.storage_offset()
+                    )
+
+        def wrap(t: object) -> object:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if id(t) in wrappers:  # an in-place op returns its input
+                return wrappers[id(t)]
+            return _OnDevice(t) if _faked(target) else t
+
+        return pytree.tree_map(wrap, out)
+
+
+@contextlib.contextmanager
+def fake_device() -> Iterator[torch.device]:
+    """Inside: ``x.to(FAKE)`` and ``device=FAKE`` make fake-device tensors."""
+    with warnings.catch_warnings():
+        # load_state_dict warns that copying into a "meta" parameter is a no-op; here it is not.
+        warnings.filterwarnings("ignore", "for .*copying from a non-meta parameter")
+        with _Functions(), _Dispatch():
+            yield FAKE
+
+
+def test_the_fake_device_refuses_what_a_gpu_refuses() -> None:
+    refused = {
+        "add.Tensor: a CPU tensor": lambda x: torch.zeros(3) + x,
+        "cat.default: a CPU tensor": lambda x: torch.cat([x, torch.ones(3)]),
+        "randn.*CPU generator": lambda x: torch.randn(3, generator=seeding.rng(0), device=x.device),
+        "uniform_.*CPU generator": lambda x: nn.init.uniform_(x.clone(), generator=seeding.rng(0)),
+        "numpy": lambda x: x.numpy(),
+    }
+    allowed = [
+        lambda x: x * torch.tensor(2.0),  # a CPU scalar
+        lambda x: torch.zeros_like(x) + torch.arange(3, device=x.device),
+        lambda x: torch.randn(3, generator=seeding.rng(0)).to(x.device) + x,
+        lambda x: x[[0, 2]] + x[torch.tensor([1, 2])],  # CPU indices
+        lambda x: torch.tensor([1.0, 2.0, 3.0], device=x.device) * x.squeeze_(),
+    ]
+    with fake_device() as device:
+        x = torch.ones(3).to(device)
+        for match, op in refused.items():
+            with pytest.raises(RuntimeError, match=match):
+                op(x)
+        for op in allowed:
+            assert op(x).device == device
+        assert float(x.sum()) == 3.0 and x.tolist() == [1.0, 1.0, 1.0]
+        assert type(x.cpu()) is torch.Tensor
+
+
+DEFENDED = [
+    [],
+    [{"name": "clip", "max_norm": 1.0}, {"name": "gaussian_noise", "std": 0.01}],
+    [{"name": "laplacian_noise", "scale": 0.01}],
+    [{"name": "gradient_pruning", "amount": 0.5}],
+    [{"name": "quantization", "bits": 4}],
+    [{"name": "coordinate_clip", "bound": 0.1}],
+    [{"name": "dropout", "p": 0.2}],
+    [{"name": "per_example_clip", "max_norm": 1.0}],
+    [{"name": "optimal_noise"}],
+    [{"name": "optimal_pruning"}],
+]
+
+
+@pytest.mark.parametrize("defenses", DEFENDED, ids=lambda d: "+".join(x["name"] for x in d))
+def test_clients_train_defend_and_evaluate_on_a_fake_device(tiny, monkeypatch, defenses) -> None:
+    """The client's round and the evaluation as on the CPU, bit for bit; replies on the CPU.
+
+    (dpsgd is left out: Opacus draws its noise with a generator on the model's device.)
+    """
+    exp = config.load(tiny(defenses=defenses))
+    start, _ = federation.server_model(exp, 1, federation.initial_params(exp))
+    sent = federation.local_update(exp, 1, 1, start).params  # not the model's initial state
+    cpu = federation.local_update(exp, 0, 1, sent)
+    monkeypatch.setattr(config.Experiment, "device", property(lambda self: FAKE))
+    with fake_device():
+        fake = federation.local_update(exp, 0, 1, sent)
+        evaluated = federation.evaluate(exp, sent)
+    monkeypatch.undo()
+    assert all(type(v) is torch.Tensor for v in [*fake.params.values(), fake.truth.inputs])
+    assert all(torch.equal(fake.params[k], v) for k, v in cpu.params.items())
+    assert torch.equal(fake.truth.inputs, cpu.truth.inputs)
+    assert evaluated == federation.evaluate(exp, sent)
+
+
+_ROUND = {"rounds": 1, "observe": {"rounds": [1]}}
+_TEXT = {
+    "data": {"name": "demo_text"},
+    "model": {"name": "tiny_bert", "layers": 1, "hidden": 32, "heads": 2, "intermediate": 64},
+    "training": {"name": "sgd", "lr": 0.01, "batch_size": 2},
+}
+_LAMP = {  # a few steps of each kind, the bundled corpus as the n-gram prior
+    "steps": 4,
+    "swap_every": 2,
+    "swap_burnin": 0.0,
+    "init_candidates": 2,
+    "swap_candidates": 3,
+    "corpus": "demo",
+}
+ATTACKED = {
+    "gradient_matching": {
+        "attacks": [
+            {"name": "dlg", "steps": 2},
+            {"name": "idlg", "steps": 2},
+            {"name": "inverting_gradients", "steps": 2},
+        ]
+    },
+    "imprint": {"modifiers": [{"name": "imprint"}], "attacks": [{"name": "imprint"}]},
+    "feature_reconstruction": {
+        "model": {"name": "mlp", "hidden": [16], "activation": "relu"},
+        "modifiers": [{"name": "gaussian_head", "width": 64, "activation": "relu"}],
+        "attacks": [{"name": "feature_reconstruction", "steps": 2}],
+    },
+    "rgap": {
+        "model": {"name": "rgap_cnn"},
+        "training": {"name": "sgd", "lr": 0.1, "batch_size": 1},
+        "attacks": [{"name": "rgap"}],
+    },
+    "text": {**_TEXT, "attacks": [{"name": "tag", "steps": 2}, {"name": "lamp", **_LAMP}]},
+    "pooler": {
+        **_TEXT,
+        "modifiers": [{"name": "pooler", "hd": 64, "rd": 8}],
+        "attacks": [{"name": "pooler", **_LAMP}],
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(ATTACKED))
+def test_every_attack_on_a_fake_device_scores_as_on_the_cpu(
+    tmp_path, tiny, monkeypatch, request, case
+) -> None:
+    """The pipeline attacks a run's stored views on the fake device: the CPU's rows, exactly."""
+    if case in ("text", "pooler"):
+        request.getfixturevalue("text")  # skips without transformers
+    exp = config.load(tiny(**_ROUND, **ATTACKED[case]))
+    pipeline.run(exp, tmp_path / "cpu")
+    shutil.copytree(tmp_path / "cpu", tmp_path / "fake")
+    (tmp_path / "fake" / "results.csv").unlink()
+    monkeypatch.setattr(config.Experiment, "device", property(lambda self: FAKE))
+    with fake_device():
+        pipeline.attack(exp, RunStore(tmp_path / "fake"))
+    assert _rows(tmp_path / "fake" / "results.csv") == _rows(tmp_path / "cpu" / "results.csv")
