@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    _bench.add_device_option(parser)
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot")
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.budgets) or args.batches < 1:
@@ -68,12 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg["attacks"] = {k: v for k, v in cfg["attacks"].items() if not va._analytic(v)}
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        run(cfg, args.budgets, args.out)
-    print(write(cfg, args.out))
+        run(cfg, args.budgets, args.out, args.device)
+    print(write(cfg, args.out, args.device))
 
 
-def run(cfg: dict, budgets: list[int], out: Path) -> None:
-    """Every missing row, appended as soon as it is measured."""
+def run(cfg: dict, budgets: list[int], out: Path, device: torch.device | str = "cpu") -> None:
+    """Every missing row, appended as soon as it is measured (attacked on ``device``)."""
     images, pool, _ = va.load_images(cfg)
     models = va.base_models(cfg, pool, out)
     done = {_key(r) for r in _bench.read_rows(out / RUNS)}
@@ -84,7 +85,7 @@ def run(cfg: dict, budgets: list[int], out: Path) -> None:
             if row_key in done:
                 continue
             start = time.perf_counter()
-            row = va.run_one(at, name, state, size, k, models[state], images, out)
+            row = va.run_one(at, name, state, size, k, models[state], images, out, device)
             row = {**{f: row[f] for f in FIELDS if f in row}, "budget": budget}
             _bench.append_row(out / RUNS, {f: row[f] for f in FIELDS}, FIELDS)
             print(
@@ -98,8 +99,8 @@ def _key(row: dict) -> tuple:
     return tuple(str(row[f]) for f in ("attack", "state", "B", "batch", "budget"))
 
 
-def write(cfg: dict, out: Path) -> str:
-    """convergence.md and convergence.png from the rows in ``out``."""
+def write(cfg: dict, out: Path, device: torch.device | str = "cpu") -> str:
+    """convergence.md and convergence.png from the rows in ``out``, run on ``device``."""
     runs = pd.read_csv(out / RUNS)
     curve = (
         runs.groupby(["attack", "state", "B", "budget"])
@@ -110,7 +111,8 @@ def write(cfg: dict, out: Path) -> str:
         "# Convergence of the vision attacks",
         "",
         f"Config: {cfg['model']}, batch norm in {va.BATCH_NORM[cfg['batch_norm']]}; "
-        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads). "
+        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"on {device}. "
         "Mean PSNR over the batches at each iteration budget (a separate run per budget); "
         "seconds per batch.",
         "",
