@@ -12,8 +12,8 @@ Layout::
     sent/r0001.pt          global state sent in an observed round (after modifiers) + secrets
     views/r0001_c0003.pt   what client 3 sent back in round 1, with its reported metadata
     truth/r0001_c0003.pt   the examples client 3 trained on: read by metrics only, never attacks
-    utility.csv            one row per round: global test loss and accuracy, failures
-    results.csv            one row per (round, client, attack): every privacy metric
+    utility.csv            one row per round   } their columns: fedleak.results, the one
+    results.csv            one row per attack  } place every CSV schema is described
     images/                truth beside reconstruction: PNG grids (images), .txt (text)
 
 Every file is written under a temporary name and renamed, and CSV rows are appended as they
