@@ -36,6 +36,16 @@ def non_finite(params: Params) -> list[str]:
     return [k for k, v in params.items() if v.is_floating_point() and not bool(v.isfinite().all())]
 
 
+def require_finite(params: Params, what: str) -> None:
+    """Raise :class:`Diverged` ("``what`` is not finite (tensor ...); ...") if ``params`` is not."""
+    if bad := non_finite(params):
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise Diverged(
+            f"{what} is not finite ({bad[0]}{more}); lower training.lr, or check the defenses' "
+            "options"
+        )
+
+
 def sample_clients(exp: Experiment, round: int) -> list[int]:
     """The clients taking part in ``round``, sorted (uniform without replacement)."""
     fed = exp.federation
@@ -123,12 +133,7 @@ def local_update(exp: Experiment, client: int, round: int, sent: Params) -> Upda
         k: (start[k] + delta[k] if k in delta else v.detach().clone()).cpu()
         for k, v in state.items()
     }
-    if bad := non_finite(params):
-        # Raised, so the runtime reports a failed client and the server leaves it out: a NaN
-        # update averaged in would poison the global model.
-        raise Diverged(
-            f"client {client}, round {round}: its {NON_FINITE} ({bad[0]}"
-            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); lower training.lr, or "
-            "check the defenses' options"
-        )
+    # Raised, so the runtime reports a failed client and the server leaves it out: a NaN
+    # update averaged in would poison the global model.  The wording carries NON_FINITE.
+    require_finite(params, f"client {client}, round {round}: its update")
     return Update(params, result)

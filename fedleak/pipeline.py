@@ -74,13 +74,12 @@ def resume(exp: Experiment, store: RunStore) -> None:
     appended to the list).  The status is "running" meanwhile, then "done" once the rows are
     complete, if the federation was (a diverged or interrupted federation keeps its status).
     """
-    meta = store.meta()
-    if store.status() == "running" and meta.get("pid") != os.getpid():
+    meta, before = store.meta(), store.status()
+    if before == "running" and meta.get("pid") != os.getpid():
         raise FileExistsError(
             f"{store.root} is being written by process {meta.get('pid')} on {meta.get('host')}; "
             "wait for it, or stop it first"
         )
-    before = store.status()
     store.mark_running()
     started = time.monotonic()
     try:

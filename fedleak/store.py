@@ -134,11 +134,13 @@ class RunStore:
         handler = logging.FileHandler(path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+        level = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)  # the file keeps every round, whatever the terminal
         try:
             yield
         finally:
+            logger.setLevel(level)
             logger.removeHandler(handler)
             handler.close()
 

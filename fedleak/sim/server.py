@@ -291,12 +291,7 @@ class Observed(Strategy):
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralised evaluation of the global model; appends one row to utility.csv."""
         params = arrays.to_torch_state_dict()
-        if bad := federation.non_finite(params):
-            raise federation.Diverged(
-                f"round {server_round}: the global model is not finite ({bad[0]}"
-                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); lower training.lr, "
-                "or check the defenses' options"
-            )
+        federation.require_finite(params, f"round {server_round}: the global model")
         metrics = federation.evaluate(self.exp, params)
         if self._initial_loss is None:
             self._initial_loss = metrics["test_loss"]
@@ -317,13 +312,15 @@ class Observed(Strategy):
             f", {row['failures']} failed" if row["failures"] else "",
         )
         loss, ratio = metrics["test_loss"], self.exp.federation.divergence_ratio
-        if not math.isfinite(loss) or (ratio and loss > ratio * self._initial_loss):
+        if not math.isfinite(loss):
+            raise federation.Diverged(
+                f"round {server_round}: the global test loss is {loss}; lower training.lr"
+            )
+        if ratio and loss > ratio * self._initial_loss:
             raise federation.Diverged(
                 f"round {server_round}: the global test loss is {loss:.4g}, over {ratio:g} "
                 f"times its initial {self._initial_loss:.4g}; lower training.lr, or raise "
                 "divergence_ratio (0 = stop only on NaN/inf)"
-                if math.isfinite(loss)
-                else f"round {server_round}: the global test loss is {loss}; lower training.lr"
             )
         return MetricRecord(metrics)
 
