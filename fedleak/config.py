@@ -2,8 +2,10 @@
 
 One file describes one experiment: the federation (``rounds``, ``clients``,
 ``clients_per_round``, ``seed``), its ``[data]``, ``[partition]``, ``[model]`` and
-``[training]``, the clients' ``[[defenses]]``, the server's ``[[modifiers]]``, which updates to
-``[observe]``, the ``[[attacks]]`` to run on them, and the ``[runner]`` that executes it.
+``[training]``, an optional client ``[selection]`` of local examples, the ``[server]`` strategy
+(``fedavg`` by default), the clients' ``[[defenses]]``, the server's ``[[modifiers]]``, which
+updates to ``[observe]``, the ``[[attacks]]`` to run on them, and the ``[runner]`` that executes
+it.
 Every table is built through its registry, so unknown names, unknown options, wrong types and
 out-of-range values each become one :class:`~fedleak.registry.ConfigError`; cross-component
 mismatches (an image attack on text data, observing a round that never happens) too.
@@ -42,6 +44,8 @@ from fedleak.core import (
     ModelModifier,
     ModelSpec,
     Partitioner,
+    Selector,
+    ServerStrategy,
     Setting,
     Task,
     Trainer,
@@ -54,6 +58,8 @@ from fedleak.device import resolve as resolve_device
 from fedleak.models import MODELS
 from fedleak.modifiers import MODIFIERS
 from fedleak.registry import ConfigError, Registry, construct, suggest
+from fedleak.selection import SELECTORS
+from fedleak.server import SERVER_STRATEGIES
 from fedleak.training import TRAINERS
 
 
@@ -128,13 +134,20 @@ _TABLES: dict[str, Registry[Any]] = {
     "partition": PARTITIONS,
     "model": MODELS,
     "training": TRAINERS,
+    "selection": SELECTORS,
+    "server": SERVER_STRATEGIES,
 }
 _ARRAYS: dict[str, Registry[Any]] = {
     "defenses": DEFENSES,
     "modifiers": MODIFIERS,
     "attacks": ATTACKS,
 }
-_DEFAULTS = {"partition": {"name": "iid"}, "training": {"name": "sgd"}}
+_DEFAULTS = {
+    "partition": {"name": "iid"},
+    "training": {"name": "sgd"},
+    "server": {"name": "fedavg"},
+}
+_OPTIONAL = {"selection"}  # tables an experiment may leave out
 _TOP = [f.name for f in dataclasses.fields(Federation)] + [*_TABLES, *_ARRAYS, "observe", "runner"]
 
 
@@ -153,6 +166,8 @@ class Experiment:
     observe: Observe
     runner: Runner
     resolved: dict[str, Any]  # every option, defaults included: what config.toml records
+    server: ServerStrategy = field(default_factory=lambda: SERVER_STRATEGIES["fedavg"]())
+    selection: Selector | None = None  # None: every client trains on its whole partition
     _template: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     loss_fn = staticmethod(nn.functional.cross_entropy)  # classification tasks throughout
@@ -240,6 +255,8 @@ class Experiment:
             ("partition", self.partition),
             ("model", self.model),
             ("training", self.trainer),
+            *([("selection", self.selection)] if self.selection is not None else []),
+            ("server", self.server),
             *((f"defenses.{i}", d) for i, d in enumerate(self.defenses)),
             *((f"modifiers.{i}", m) for i, m in enumerate(self.modifiers)),
             *((f"attacks.{i}", a) for i, a in enumerate(self.attacks)),
@@ -260,7 +277,16 @@ class Experiment:
         if not asked:
             return
         model = self._bare_model() if modifiers else self.build_model()
-        setting = Setting(task, model, self.trainer, self.defenses, self.modifiers, self.attacks)
+        setting = Setting(
+            task,
+            model,
+            self.trainer,
+            self.defenses,
+            self.modifiers,
+            self.attacks,
+            server=self.server,
+            selection=self.selection,
+        )
         for where, plugin in asked:
             try:
                 plugin.check(setting)
@@ -486,6 +512,9 @@ def build(raw: Mapping[str, Any]) -> Experiment:
     tables = {}
     for key, registry in _TABLES.items():
         spec = raw.get(key, _DEFAULTS.get(key))
+        if spec is None and key in _OPTIONAL:
+            tables[key] = None
+            continue
         if spec is None:
             raise ConfigError(
                 f"Missing [{key}] table; known {registry.kind}s: {', '.join(registry.names())}."
@@ -511,6 +540,7 @@ def build(raw: Mapping[str, Any]) -> Experiment:
         )
     if sum(stage(d) == "aggregation" for d in arrays["defenses"]) > 1:
         raise ConfigError("[defenses] at most one secure-aggregation protocol per experiment.")
+    _check_channels(tables, arrays["defenses"])
     for attack in arrays["attacks"]:
         missing = [
             m
@@ -524,7 +554,7 @@ def build(raw: Mapping[str, Any]) -> Experiment:
             )
     resolved = {
         **dataclasses.asdict(federation),
-        **{k: _resolved(v) for k, v in tables.items()},
+        **{k: _resolved(v) for k, v in tables.items() if v is not None},
         **{k: [_resolved(x) for x in v] for k, v in arrays.items()},
         "observe": dataclasses.asdict(observe),
         "runner": {"name": runner.name, **runner.options},
@@ -541,7 +571,45 @@ def build(raw: Mapping[str, Any]) -> Experiment:
         observe,
         runner,
         resolved,
+        server=tables["server"],
+        selection=tables["selection"],
     )
+
+
+def sends(plugin: Any) -> Mapping[str, str]:
+    """What ``plugin`` declares it sends beside the model (name -> what it reveals)."""
+    return getattr(plugin, "sends", {}) if plugin is not None else {}
+
+
+def _check_channels(tables: Mapping[str, Any], defenses: Sequence[Any]) -> None:
+    """Refuse protocols whose messages the defenses or secure aggregation cannot handle."""
+    trainer, selection = tables["training"], tables["selection"]
+    if overlap := set(sends(trainer)) & set(sends(selection)):
+        raise ConfigError(
+            f"[selection] {selection.name!r} and [training] {trainer.name!r} both send "
+            f"{sorted(overlap)[0]!r}; the server could not tell them apart."
+        )
+    blocked = [d.name for d in defenses if stage(d) in ("update", "aggregation")]
+    if not getattr(trainer, "sends_model", True) and blocked:
+        raise ConfigError(
+            f"[defenses] {blocked[0]!r} acts on the model update, but [training] "
+            f"{trainer.name!r} sends no model (only its messages); use the trainer's own "
+            "options to protect its messages, or a trainer that sends its model."
+        )
+    secure = next((d for d in defenses if stage(d) == "aggregation"), None)
+    if secure is None:
+        return
+    talkers = [
+        f"[{key}] {p.name!r}"
+        for key, p in (("training", trainer), ("selection", selection))
+        if sends(p)
+    ]
+    if tables["server"].name != "fedavg" or talkers:
+        what = talkers[0] if talkers else f"[server] {tables['server'].name!r}"
+        raise ConfigError(
+            f"[defenses] {secure.name!r} sums the clients' states for a FedAvg server; "
+            f"{what} needs each client's own messages or states. Drop one of the two."
+        )
 
 
 def _table(spec: Any, key: str) -> Mapping[str, Any]:

@@ -13,7 +13,9 @@ options.  No base classes: a plugin only has to match its protocol below.
 * :class:`TrainingDefense` — client side, changes how a client trains (DP-SGD, dropout, ...).
 * :class:`GradientDefense` — client side, transforms each local step's gradients.
 * :class:`AggregationDefense` — both sides, hides individual updates (secure aggregation).
-* :class:`Trainer`         — client side, the local training procedure.
+* :class:`Trainer`         — client side, the local training procedure (or objective).
+* :class:`Selector`        — client side, chooses which local examples to train on.
+* :class:`ServerStrategy`  — server side, what clients are asked and how replies are combined.
 * :class:`ModelModifier`   — server side, transforms the global model before it is sent.
 * :class:`DataSource`, :class:`Partitioner`, :class:`ModelSpec` — the task, its data, the model.
 
@@ -22,6 +24,13 @@ Any plugin may also define ``check(self, setting: Setting) -> None``: it raises 
 needs a modifier or an architecture, a defense that needs a trainer.  The config calls every
 plugin's check when a file loads, before any training, so a bad combination is one clear
 error; the knowledge of what a plugin needs stays in the plugin.
+
+The leakage surface is explicit.  Beyond its model state a client may send *messages* (named
+tensors: ZO seeds and scalars, sketched moments, masks, per-group losses), and the server may
+send every client *instructions* (a public per-round ``seed`` always, plus whatever its
+strategy asks).  Every plugin that sends something declares it in ``sends`` (name -> what it
+reveals); the runtime refuses undeclared names, records both channels with each captured view,
+and attacks read them from :attr:`ServerView.messages` and :attr:`ServerView.instructions`.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]  # state_dict-style: name -> tensor
+Messages = Mapping[str, Tensor]  # named tensors sent beside a model state (scalars are 0-d)
 Secrets = Mapping[str, Tensor]  # what a modifier planted; only the server knows it
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -93,6 +103,8 @@ class ServerView:
     loss: float = float("nan")  # training loss the client reports
     protocol: Mapping[str, Any] = field(default_factory=dict)  # trainer name and options
     secrets: Secrets = field(default_factory=dict)  # empty for an honest server
+    messages: Messages = field(default_factory=dict)  # what the client sent beside its state
+    instructions: Messages = field(default_factory=dict)  # what the server sent every client
 
     def to(self, device: torch.device | str) -> ServerView:
         """This view with its tensors (sent, received, secrets) and its models on ``device``.
@@ -107,6 +119,8 @@ class ServerView:
             sent=_moved(self.sent, device),
             received=_moved(self.received, device),
             secrets=_moved(self.secrets, device),
+            messages=_moved(self.messages, device),
+            instructions=_moved(self.instructions, device),
         )
 
     @property
@@ -220,6 +234,8 @@ class Setting:
     defenses: tuple[Any, ...] = ()
     modifiers: tuple[Any, ...] = ()
     attacks: tuple[Any, ...] = ()
+    server: Any = None  # the ServerStrategy
+    selection: Any = None  # the Selector, if the clients select their examples
 
     def has_modifier(self, name: str) -> bool:
         """Whether the server runs the modifier registered as ``name``."""
@@ -317,11 +333,18 @@ class TrainResult:
     steps: int  # optimiser steps taken
     batch_size: int  # examples per step
     used: Batch  # the examples actually trained on, in first-use order (ground truth)
+    messages: Messages = field(default_factory=dict)  # sent beside the state; see Trainer.sends
 
 
 @runtime_checkable
 class Trainer(Protocol):
-    """Client side: the local training procedure of one round."""
+    """Client side: the local training procedure of one round.
+
+    Optional attributes: ``sends`` (``ClassVar[Mapping[str, str]]``, message name -> what it
+    reveals; default nothing) and, for a trainer whose client sends messages *instead of* its
+    state (zeroth-order seeds and scalars), ``sends_model = False`` with a method
+    ``replay(sent, messages, build_model) -> Params`` by which the server rebuilds the state.
+    """
 
     lr: float
 
@@ -332,8 +355,68 @@ class Trainer(Protocol):
         loss_fn: LossFn,
         rng: torch.Generator,
         defenses: tuple[TrainingDefense | GradientDefense, ...] = (),
+        instructions: Messages | None = None,
     ) -> TrainResult:
-        """Train ``model`` in place for one round on ``data``, applying ``defenses``."""
+        """Train ``model`` in place for one round on ``data``, applying ``defenses``.
+
+        ``instructions`` are what the server strategy sent every sampled client this round
+        (always a public ``seed``, an int64 0-d tensor); ``None`` outside a federation.
+        """
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The local examples a client trains on, and what choosing them sends the server."""
+
+    indices: Tensor  # int64 indices into the client's partition, in training order
+    messages: Messages = field(default_factory=dict)
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """Client side: choose which local examples to train on this round (data selection).
+
+    It sees the global model as received, before training; ``sends`` declares its messages.
+    """
+
+    sends: ClassVar[Mapping[str, str]]
+
+    def select(
+        self,
+        model: nn.Module,
+        data: Batch,
+        loss_fn: LossFn,
+        rng: torch.Generator,
+        instructions: Messages,
+    ) -> Selection:
+        """The chosen examples of ``data``; all randomness from ``rng`` or the shared seed."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One client's reply as a server strategy sees it."""
+
+    client: int
+    params: Params  # its state (rebuilt with the trainer's replay when it sends no model)
+    num_examples: int
+    loss: float
+    messages: Messages = field(default_factory=dict)
+
+
+@runtime_checkable
+class ServerStrategy(Protocol):
+    """Server side: what every sampled client is asked, and how replies become the global state.
+
+    ``sends`` declares the instructions it adds to the runtime's public per-round ``seed``.
+    """
+
+    sends: ClassVar[Mapping[str, str]]
+
+    def instructions(self, round: int, params: Params, rng: torch.Generator) -> Messages:
+        """What every sampled client receives beside the model in ``round``."""
+
+    def aggregate(self, round: int, params: Params, replies: list[Reply]) -> Params:
+        """The next global state from ``params`` (this round's) and the replies, client-sorted."""
 
 
 @runtime_checkable

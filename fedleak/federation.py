@@ -4,9 +4,12 @@ The simulation layer (:mod:`fedleak.sim`) moves these pieces between processes w
 here they are plain functions, so the protocol, its seeds and its defenses can be tested and
 reused without a federation runtime.
 
-* the server samples clients, applies its modifiers to the global model and evaluates it;
-* a client trains on its partition (training defenses wrap the training), then applies its
-  update defenses to ``received - sent`` before replying.
+* the server samples clients, applies its modifiers to the global model, tells every sampled
+  client its strategy's instructions (and a public per-round seed), and evaluates the model;
+* a client selects its examples (if it has a selector), trains on them (training defenses wrap
+  the training), then applies its update defenses to ``received - sent`` before replying with
+  its state and its declared messages;
+* the server strategy turns the replies into the next global state.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedleak import seeding
-from fedleak.config import Experiment
-from fedleak.core import Batch, Params, Secrets, TrainResult
+from fedleak.config import Experiment, sends
+from fedleak.core import Batch, Messages, Params, Reply, Secrets, TrainResult
 
 
 class Diverged(RuntimeError):
@@ -70,6 +73,30 @@ def server_model(exp: Experiment, round: int, params: Params) -> tuple[Params, S
     return params, secrets
 
 
+SEED = "seed"  # the public per-round seed every instruction set carries
+
+
+def instructions(exp: Experiment, round: int, params: Params) -> dict[str, torch.Tensor]:
+    """What every client sampled in ``round`` receives beside the model.
+
+    A public seed all of them share (for a shared sketch, zeroth-order directions, ...), then
+    whatever the server strategy asks, under the names it declares.
+    """
+    seed = torch.tensor(seeding.derive(exp.seed, "shared", round), dtype=torch.int64)
+    asked = exp.server.instructions(round, params, seeding.rng(exp.seed, "server", round))
+    declared(asked, exp.server, "[server]", "its instructions")
+    return {SEED: seed, **asked}
+
+
+def declared(messages: Messages, plugin, where: str, what: str) -> None:
+    """Refuse tensors a plugin sends without declaring them (the leakage surface is explicit)."""
+    if extra := sorted(set(messages) - set(sends(plugin))):
+        raise RuntimeError(
+            f"{where} {plugin.name!r} sends {extra[0]!r} in {what} without declaring it in its "
+            f"`sends` (declared: {sorted(sends(plugin)) or 'nothing'})"
+        )
+
+
 def initial_params(exp: Experiment) -> Params:
     """The global model's state before round 1."""
     return {k: v.detach().clone() for k, v in exp.build_model().state_dict().items()}
@@ -95,10 +122,20 @@ def evaluate(exp: Experiment, params: Params, batch_size: int = 512) -> dict[str
 
 @dataclass(frozen=True)
 class Update:
-    """A client's reply: its new state (defenses applied) and what it reports."""
+    """A client's reply: its new state (defenses applied), its messages and what it reports.
+
+    ``params`` is the client's state; when its trainer sends no model (``sends_model`` False)
+    the client keeps it, and the server rebuilds it with :func:`received`.
+    """
 
     params: Params
     result: TrainResult
+    messages: Messages
+
+    @property
+    def sends_model(self) -> bool:
+        """Whether ``params`` leave the client."""
+        return bool(self.params)
 
     @property
     def truth(self) -> Batch:
@@ -106,23 +143,45 @@ class Update:
         return self.result.used
 
 
-def local_update(exp: Experiment, client: int, round: int, sent: Params) -> Update:
-    """Everything a client does in one round: train, then defend what it sends.
+def local_update(
+    exp: Experiment, client: int, round: int, sent: Params, orders: Messages | None = None
+) -> Update:
+    """Everything a client does in one round: select, train, then defend what it sends.
 
-    Training and defenses run on the experiment's device; the reply (its state and the
-    examples it used) comes back on the CPU, for Flower's serialisation and the run directory.
+    ``orders`` are the round's :func:`instructions` (computed here when not given, as the
+    server would).  Selection, training and defenses run on the experiment's device; the
+    reply (state, messages, the examples used) comes back on the CPU, for Flower's
+    serialisation and the run directory.
     """
     device = exp.device
+    orders = instructions(exp, round, sent) if orders is None else orders
+    orders = {k: v.to(device) for k, v in orders.items()}
     model = exp.build_model().to(device)
     model.load_state_dict(sent)
+    data = exp.client_data(client).to(device)
+    messages: dict[str, torch.Tensor] = {}
+    if exp.selection is not None:
+        chosen = exp.selection.select(
+            model, data, exp.loss_fn, seeding.rng(exp.seed, "select", client, round), orders
+        )
+        declared(chosen.messages, exp.selection, "[selection]", "its messages")
+        messages.update(chosen.messages)
+        data = Batch(data.inputs[chosen.indices], data.labels[chosen.indices])
     result = exp.trainer.fit(
         model,
-        exp.client_data(client).to(device),
+        data,
         exp.loss_fn,
         seeding.rng(exp.seed, "train", client, round),
         exp.training_defenses,
+        instructions=orders,
     )
-    result = replace(result, used=result.used.to("cpu"))
+    declared(result.messages, exp.trainer, "[training]", "its messages")
+    messages.update(result.messages)
+    messages = {k: v.detach().cpu() for k, v in messages.items()}
+    require_finite(messages, f"client {client}, round {round}: its messages")
+    result = replace(result, used=result.used.to("cpu"), messages={})
+    if not getattr(exp.trainer, "sends_model", True):
+        return Update({}, result, messages)
     state = model.state_dict()
     start = {k: v.to(device) for k, v in sent.items()}
     delta = {k: state[k].detach() - v for k, v in start.items() if v.is_floating_point()}
@@ -136,4 +195,22 @@ def local_update(exp: Experiment, client: int, round: int, sent: Params) -> Upda
     # Raised, so the runtime reports a failed client and the server leaves it out: a NaN
     # update averaged in would poison the global model.  The wording carries NON_FINITE.
     require_finite(params, f"client {client}, round {round}: its update")
-    return Update(params, result)
+    return Update(params, result, messages)
+
+
+def received(exp: Experiment, sent: Params, params: Params, messages: Messages) -> Params:
+    """A client's state as the server holds it: as sent, or rebuilt from its messages."""
+    if params:
+        return params
+    return exp.trainer.replay(sent, messages, exp.build_model)
+
+
+def reply(exp: Experiment, client: int, sent: Params, update: Update) -> Reply:
+    """A client's update as the server strategy sees it (state rebuilt when not sent)."""
+    return Reply(
+        client=client,
+        params=received(exp, sent, update.params, update.messages),
+        num_examples=len(update.result.used),
+        loss=update.result.loss,
+        messages=update.messages,
+    )

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fedleak.core import Batch, Params, Secrets, ServerView
+from fedleak.core import Batch, Messages, Params, Secrets, ServerView
 
 _VIEW = re.compile(r"r(\d+)_c(-?\d+)\.pt$")  # client -1: a securely aggregated round
 
@@ -172,15 +172,34 @@ class RunStore:
         self.write_text("meta.json", json.dumps({**self.meta(), **fields}, indent=2) + "\n")
 
     # -- what the server saw ----------------------------------------------------------------
-    def write_sent(self, round: int, params: Params, secrets: Secrets) -> None:
-        """The global state sent in ``round``, after modifiers, and what they planted."""
-        self._save(f"sent/r{round:04d}.pt", {"params": params, "secrets": dict(secrets)})
+    def write_sent(
+        self, round: int, params: Params, secrets: Secrets, instructions: Messages
+    ) -> None:
+        """The global state sent in ``round`` and the instructions every client received.
+
+        The state is the one after the modifiers; ``secrets`` is what they planted.
+        """
+        self._save(
+            f"sent/r{round:04d}.pt",
+            {"params": params, "secrets": dict(secrets), "instructions": dict(instructions)},
+        )
 
     def write_view(
-        self, round: int, client: int, received: Params, report: Mapping[str, Any]
+        self,
+        round: int,
+        client: int,
+        received: Params,
+        report: Mapping[str, Any],
+        messages: Messages,
     ) -> None:
-        """What ``client`` sent back in ``round``, with the metadata it reported."""
-        self._save(f"views/{_name(round, client)}", {"received": received, **report})
+        """What ``client`` sent back in ``round``, and the metadata it reported.
+
+        Its state as the server holds it, and the messages it sent beside it.
+        """
+        self._save(
+            f"views/{_name(round, client)}",
+            {"received": received, "messages": dict(messages), **report},
+        )
 
     def write_truth(self, round: int, client: int, truth: Batch) -> None:
         """The examples ``client`` trained on in ``round`` (for metrics only)."""
@@ -219,6 +238,8 @@ class RunStore:
                 loss=float(stored["loss"]),
                 protocol=trainer,
                 secrets=sent["secrets"],
+                messages=stored.get("messages", {}),  # runs before messages existed: none
+                instructions=sent.get("instructions", {}),
             )
 
     def truth(self, round: int, client: int) -> Batch:

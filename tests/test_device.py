@@ -64,6 +64,10 @@ FACTORIES = {
 EXEMPT = {
     (
         "fedleak/federation.py",
+        "torch.tensor(seeding.derive(exp.seed, 'shared', round), dtype=torch.int64)",
+    ): "the public per-round seed is a wire value; local_update moves the instructions",
+    (
+        "fedleak/federation.py",
         "torch.randperm(fed.clients, generator=seeding.rng(exp.seed, 'sample', round))",
     ): "the server samples client indices, read back as a list",
     (

@@ -22,7 +22,7 @@ def test_writes_leave_no_temporary_files_and_meta_merges(tmp_path):
     store.update_meta(seconds=1.5)
     assert store.meta() == {"status": "running", "seconds": 1.5}
     store.write_truth(1, 2, Batch(torch.ones(2, 1, 2, 2), torch.tensor([0, 1])))
-    store.write_view(1, 2, {"w": torch.zeros(3)}, {"num_examples": 2})
+    store.write_view(1, 2, {"w": torch.zeros(3)}, {"num_examples": 2}, {})
     assert store.observed() == [(1, 2)]
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
     assert torch.equal(store.truth(1, 2).labels, torch.tensor([0, 1]))

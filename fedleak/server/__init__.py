@@ -1,5 +1,6 @@
-"""Server strategies: what the server asks of clients each round, and how their replies become
-the next global state (see :class:`fedleak.core.ServerStrategy`).
+"""Server strategies: what clients are asked each round, and how replies become the model.
+
+See :class:`fedleak.core.ServerStrategy`.
 
 ``fedavg`` (McMahan et al., AISTATS 2017) is the default.  A strategy is Flower-free: the
 simulation layer (:mod:`fedleak.sim.server`) moves its instructions and the clients' replies.

@@ -4,6 +4,11 @@ The experiment reaches the client inside the first train message's config (the r
 text), so one module-level app serves every runner, including SuperNodes on other machines.
 A node may point to its own copy of the data with ``--node-config 'data-root="/path"'``.
 
+The server strategy's instructions for the round (always a public seed) arrive packed in the
+config under :data:`INSTRUCTIONS_KEY`; the client's messages (whatever its selector and trainer
+send beside the model, declared by them) go back as an ArrayRecord under :data:`MESSAGES_KEY`,
+and a trainer that sends no model replies without ``"arrays"``.
+
 The ground truth (the examples actually used) travels back in a separate ConfigRecord under
 :data:`TRUTH_KEY`.  It exists only because this is a simulation: the server strips it before
 anything else sees the reply, and it is stored where only metrics read it.
@@ -12,6 +17,7 @@ anything else sees the reply, and it is stored where only metrics read it.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
@@ -29,6 +35,8 @@ TRUTH_KEY = "fedleak.truth"  # the simulation's ground-truth channel; never reac
 CONFIG_KEY = "fedleak-config"  # the resolved experiment, sent in every train config
 CLIENT_KEY = "fedleak-client"  # the client (partition) the server asks this node to play
 WATCHED_KEY = "fedleak-watched"  # whether the server captures this client: only then pack truth
+INSTRUCTIONS_KEY = "fedleak-instructions"  # the server strategy's instructions, packed tensors
+MESSAGES_KEY = "fedleak.messages"  # what a client sends beside its state (declared by plugins)
 REPORT_KEY = "fedleak.report"  # who the client is and how it trained (FedAvg averages metrics)
 REPORT_KEYS = ("client", "local_steps", "batch_size", "train_loss")  # SecAgg+: in plaintext
 
@@ -71,7 +79,8 @@ def _local_update(cfg, sent, context: Context) -> tuple[int, federation.Update]:
     if isinstance(sent, list):  # the legacy API carries arrays in the model's state-dict order
         names = exp.build_model().state_dict()
         sent = {k: torch.from_numpy(a.copy()) for k, a in zip(names, sent, strict=True)}
-    return client, federation.local_update(exp, client, int(cfg["server-round"]), sent)
+    orders = unpack(cfg[INSTRUCTIONS_KEY]) if INSTRUCTIONS_KEY in cfg else None
+    return client, federation.local_update(exp, client, int(cfg["server-round"]), sent, orders)
 
 
 @app.train()
@@ -84,13 +93,16 @@ def train(msg: Message, context: Context) -> Message:
     result = update.result
     content = RecordDict(
         {
-            "arrays": ArrayRecord(update.params),
             "metrics": MetricRecord({"num-examples": len(result.used), "train_loss": result.loss}),
             REPORT_KEY: ConfigRecord(
                 {"client": client, "local_steps": result.steps, "batch_size": result.batch_size}
             ),
         }
     )
+    if update.sends_model:
+        content["arrays"] = ArrayRecord(update.params)
+    if update.messages:
+        content[MESSAGES_KEY] = ArrayRecord(dict(update.messages))
     if cfg.get(WATCHED_KEY, True):
         content[TRUTH_KEY] = ConfigRecord({"batch": _dump(update.truth)})
     return Message(content, reply_to=msg)
@@ -123,13 +135,23 @@ def _train_masked(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def _dump(batch: Batch) -> bytes:
+def pack(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Named tensors as bytes, for a ConfigRecord (instructions, the truth channel)."""
     buffer = io.BytesIO()
-    torch.save({"inputs": batch.inputs, "labels": batch.labels}, buffer)
+    torch.save(dict(tensors), buffer)
     return buffer.getvalue()
+
+
+def unpack(packed: bytes) -> dict[str, torch.Tensor]:
+    """The tensors :func:`pack` packed."""
+    return torch.load(io.BytesIO(packed), weights_only=True)
+
+
+def _dump(batch: Batch) -> bytes:
+    return pack({"inputs": batch.inputs, "labels": batch.labels})
 
 
 def load_truth(packed: bytes) -> Batch:
     """The ground truth a client packed with :func:`_dump`."""
-    stored = torch.load(io.BytesIO(packed), weights_only=True)
+    stored = unpack(packed)
     return Batch(stored["inputs"], stored["labels"])

@@ -4,12 +4,15 @@
 
 1. samples clients reproducibly (``federation.sample_clients``; client indices, not Flower's
    random node ids, so every runner samples the same clients for the same seed) and tells
-   each addressed node which client it plays,
+   each addressed node which client it plays and the round's instructions (the experiment's
+   server strategy asks them, see :func:`fedleak.federation.instructions`),
 2. applies the server's modifiers to the global model,
-3. lets the inner strategy (FedAvg) address exactly the sampled nodes,
-4. strips the simulation's truth channel from every reply, records the observed clients'
-   updates and truths in the run directory, and logs failed clients,
-5. hands the clean replies to the inner strategy for aggregation.
+3. lets the inner Flower strategy (FedAvg) address exactly the sampled nodes,
+4. strips the simulation's truth channel from every reply, rebuilds the state of clients that
+   send messages instead of a model, records the observed clients' states, messages and truths
+   in the run directory, and logs failed clients,
+5. hands the replies to the experiment's server strategy (``[server]``, FedAvg by default),
+   which makes the next global state; the inner strategy only averages the metrics.
 
 Placing the capture *below* aggregation is the threat model: the server sees each client's
 individual update, as an honest-but-curious server does without secure aggregation.
@@ -21,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,14 +34,17 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedleak import config, federation
 from fedleak.config import Experiment
-from fedleak.core import AggregationDefense, Batch, Params
+from fedleak.core import AggregationDefense, Batch, Messages, Params, Reply
 from fedleak.sim.client import (
     CLIENT_KEY,
     CONFIG_KEY,
+    INSTRUCTIONS_KEY,
+    MESSAGES_KEY,
     REPORT_KEY,
     TRUTH_KEY,
     WATCHED_KEY,
     load_truth,
+    pack,
 )
 from fedleak.store import RunStore
 
@@ -82,14 +88,16 @@ class _Captured:
     received: Params
     report: dict[str, float]
     truth: Batch
+    messages: Messages = field(default_factory=dict)
 
     @classmethod
-    def of(cls, reply: Message, truth: Batch) -> _Captured:
-        """What one client's reply shows the server."""
+    def of(cls, reply: Message, received: Reply, truth: Batch) -> _Captured:
+        """What one client's reply shows the server (``received``: its state and messages)."""
         metrics, report = reply.content["metrics"], reply.content[REPORT_KEY]
         return cls(
-            client=int(report["client"]),
-            received=reply.content["arrays"].to_torch_state_dict(),
+            client=received.client,
+            received=received.params,
+            messages=received.messages,
             report={
                 "num_examples": int(metrics["num-examples"]),
                 "loss": float(metrics["train_loss"]),
@@ -135,6 +143,8 @@ class Observed(Strategy):
         self._nodes: dict[int, int] = {}  # client index -> node id, when discovered
         self._assigned: dict[int, int] = {}  # node id -> client index, this round
         self._round: dict[str, float] = {}
+        self._global: Params = {}  # the global state this round started from
+        self._sent: Params = {}  # the global state sent this round (modifiers applied)
         self._started = time.monotonic()
         self._initial_loss: float | None = None  # test loss before round 1: divergence's yardstick
 
@@ -185,21 +195,26 @@ class Observed(Strategy):
     ) -> tuple[Params, dict[int, dict[str, bool | int]]]:
         """Sample and place this round's clients and modify the model: (model, node -> config).
 
-        Shared by both aggregation protocols; records the sent model when the round is watched.
+        Shared by both aggregation protocols; records the sent model and the instructions
+        when the round is watched.
         """
         clients = federation.sample_clients(self.exp, server_round)
         self._assigned = self._place(clients, grid)
+        self._global = params
+        orders = federation.instructions(self.exp, server_round, params)
         watched = federation.observed_clients(self.exp, server_round, clients)
         if self.exp.secure_aggregation and watched:
             watched = clients  # the aggregate holds every participant's examples
         if watched or any(m.applies_to(server_round) for m in self.exp.modifiers):
             params, secrets = federation.server_model(self.exp, server_round, params)
             if watched:
-                self.store.write_sent(server_round, params, secrets)
+                self.store.write_sent(server_round, params, secrets, orders)
+        self._sent = params
         self._round = {"sampled": len(clients), "watched": watched}
         log.debug("round %d: training clients %s", server_round, clients)
+        packed = pack(orders)
         return params, {
-            node: {CLIENT_KEY: client, WATCHED_KEY: client in watched}
+            node: {CLIENT_KEY: client, WATCHED_KEY: client in watched, INSTRUCTIONS_KEY: packed}
             for node, client in self._assigned.items()
         }
 
@@ -225,7 +240,7 @@ class Observed(Strategy):
     def record(self, server_round: int, captured: list[_Captured], replies: int, losses) -> None:
         """Store the round's captured views and truths, and its failures and mean loss."""
         for c in captured:
-            self.store.write_view(server_round, c.client, c.received, c.report)
+            self.store.write_view(server_round, c.client, c.received, c.report, c.messages)
             self.store.write_truth(server_round, c.client, c.truth)
         losses = list(losses)
         mean_loss = sum(losses) / len(losses) if losses else float("nan")  # no reply: timed out
@@ -264,18 +279,36 @@ class Observed(Strategy):
                 )
                 log.warning("round %d: client %s failed: %s", server_round, client, reason)
         secure = self.exp.secure_aggregation
-        captured = []
+        captured, received = [], []
         watched = self.watched
         for reply in ok:
-            # Watched clients pack their truth; it is stripped before the inner strategy sees it.
+            # Watched clients pack their truth; it is stripped before anything else reads it.
             packed = reply.content.pop(TRUTH_KEY) if TRUTH_KEY in reply.content else None
-            if packed is not None and int(reply.content[REPORT_KEY]["client"]) in watched:
-                captured.append(_Captured.of(reply, load_truth(packed["batch"])))
+            received.append(self._reply(reply))
+            if packed is not None and received[-1].client in watched:
+                captured.append(_Captured.of(reply, received[-1], load_truth(packed["batch"])))
         if secure and captured:  # simulated SecAgg: the server learns the aggregate only
             captured = [_Captured.aggregate(captured, secure)]
-        losses = [float(r.content["metrics"]["train_loss"]) for r in ok]
+        losses = [r.loss for r in received]
         self.record(server_round, captured, len(replies), losses)
-        return self.inner.aggregate_train(server_round, ok)
+        if not ok:
+            return None, None
+        state = self.exp.server.aggregate(server_round, self._global, received)
+        metrics = self.inner.train_metrics_aggr_fn([r.content for r in ok], "num-examples")
+        return ArrayRecord(state), metrics
+
+    def _reply(self, reply: Message) -> Reply:
+        """One client's reply as the server strategy sees it (its state rebuilt if not sent)."""
+        content = reply.content
+        messages = content[MESSAGES_KEY].to_torch_state_dict() if MESSAGES_KEY in content else {}
+        sent = content["arrays"].to_torch_state_dict() if "arrays" in content else {}
+        return Reply(
+            client=int(content[REPORT_KEY]["client"]),
+            params=federation.received(self.exp, self._sent, sent, messages),
+            num_examples=int(content["metrics"]["num-examples"]),
+            loss=float(content["metrics"]["train_loss"]),
+            messages=messages,
+        )
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         """No federated evaluation: the server evaluates the global model itself (evaluate)."""
@@ -326,7 +359,9 @@ class Observed(Strategy):
 
 
 def serve(grid: Grid, context, exp: Experiment, store: RunStore, discover: bool) -> None:
-    """The server's whole run: FedAvg wrapped by :class:`Observed`, evaluated every round.
+    """The server's whole run: :class:`Observed` over FedAvg, evaluated every round.
+
+    Flower's FedAvg addresses the nodes; the experiment's server strategy aggregates.
 
     Under ``secure_aggregation`` with ``protocol = "secaggplus"`` the same :class:`Observed`
     runs inside Flower's legacy SecAgg+ workflow instead (:mod:`fedleak.sim.secaggplus`).

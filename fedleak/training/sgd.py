@@ -20,6 +20,7 @@ from fedleak.core import (
     Batch,
     GradientDefense,
     LossFn,
+    Messages,
     Setting,
     TrainingDefense,
     TrainResult,
@@ -104,8 +105,12 @@ class SGD:
         loss_fn: LossFn,
         rng: torch.Generator,
         defenses: tuple[TrainingDefense | GradientDefense, ...] = (),
+        instructions: Messages | None = None,
     ) -> TrainResult:
-        """Train ``model`` in place for one round; report loss, steps and the examples used."""
+        """Train ``model`` in place for one round; report loss, steps and the examples used.
+
+        Plain SGD needs no instructions beyond the model and sends nothing beside its state.
+        """
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
         batches = self.batches(data, rng)
         for defense in (d for d in defenses if hasattr(d, "wrap")):

@@ -96,7 +96,7 @@ def test_a_non_finite_stored_view_is_not_attacked(tmp_path, tiny, caplog):
     (round_, client), *_ = store.observed()
     stored = torch.load(store.root / "views" / f"r{round_:04d}_c{client:04d}.pt")
     received = {k: torch.full_like(v, float("nan")) for k, v in stored.pop("received").items()}
-    store.write_view(round_, client, received, stored)
+    store.write_view(round_, client, received, stored, stored.pop("messages"))
     (store.root / "results.csv").unlink()
     pipeline.resume(config.load(store.root / "config.toml"), store)
     attacked = {(int(r["round"]), int(r["client"])) for r in read(store.root / "results.csv")}

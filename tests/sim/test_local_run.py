@@ -53,10 +53,10 @@ def test_same_config_and_seed_give_identical_results(tmp_path, tiny):
 def test_a_failing_client_is_logged_and_the_run_completes(tmp_path, caplog, monkeypatch, tiny):
     real = federation.local_update
 
-    def flaky(exp, client, round, sent):
+    def flaky(exp, client, round, sent, orders):
         if client == 1:
             raise RuntimeError("disk on fire")
-        return real(exp, client, round, sent)
+        return real(exp, client, round, sent, orders)
 
     monkeypatch.setattr(federation, "local_update", flaky)
     store = pipeline.run(config.load(tiny(clients_per_round=4)), tmp_path / "run")
@@ -69,7 +69,7 @@ def test_a_failing_client_is_logged_and_the_run_completes(tmp_path, caplog, monk
 
 
 def test_a_round_where_every_client_fails_stops_the_run(tmp_path, monkeypatch, tiny):
-    def broken(exp, client, round, sent):
+    def broken(exp, client, round, sent, orders):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(federation, "local_update", broken)
@@ -115,7 +115,14 @@ def test_attacks_never_see_the_truth(tmp_path, tiny):
         assert "fedleak.truth" not in view.received and not view.secrets
     for path in (store.root / "views").iterdir():
         stored = torch.load(path)
-        assert set(stored) == {"received", "num_examples", "loss", "local_steps", "batch_size"}
+        assert set(stored) == {
+            "received",
+            "messages",
+            "num_examples",
+            "loss",
+            "local_steps",
+            "batch_size",
+        }
 
 
 def test_federation_pieces_are_deterministic_and_defended(tiny):
