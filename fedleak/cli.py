@@ -24,12 +24,16 @@ def _kinds() -> dict:
     from fedleak.defenses import DEFENSES
     from fedleak.models import MODELS
     from fedleak.modifiers import MODIFIERS
+    from fedleak.selection import SELECTORS
+    from fedleak.server import SERVER_STRATEGIES
     from fedleak.training import TRAINERS
 
     kinds = {
         "attacks": ATTACKS,
         "defenses": DEFENSES,
         "trainers": TRAINERS,
+        "selectors": SELECTORS,
+        "servers": SERVER_STRATEGIES,
         "modifiers": MODIFIERS,
         "datasets": DATASETS,
         "partitions": PARTITIONS,
@@ -45,7 +49,10 @@ def _kinds() -> dict:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    """Print every registered plugin (of one kind) with its one-line summary."""
+    """Print every registered plugin (of one kind) with its one-line summary.
+
+    Under a plugin, what it declares it sends beside the model: its leakage surface.
+    """
     kinds = _kinds()
     if args.kind and args.kind not in kinds:
         from fedleak.registry import suggest
@@ -59,6 +66,8 @@ def cmd_list(args: argparse.Namespace) -> None:
             print(f"{kind}:")
             for name in registry.names():
                 print(f"  {name:<20} {registry.summary(name)}")
+                for message, reveals in getattr(registry[name], "sends", {}).items():
+                    print(f"  {'':<20}   sends {message!r}: {reveals}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:

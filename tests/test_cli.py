@@ -19,6 +19,8 @@ def test_list_shows_every_kind_with_summaries(capsys):
         "attacks:",
         "defenses:",
         "trainers:",
+        "selectors:",
+        "servers:",
         "modifiers:",
         "datasets:",
         "models:",
@@ -28,6 +30,13 @@ def test_list_shows_every_kind_with_summaries(capsys):
     assert "  dlg " in out and "L-BFGS" in out
     assert main(["list", "models"]) == 0
     assert "lenet" in capsys.readouterr().out
+
+
+def test_list_shows_what_a_plugin_sends(capsys):
+    import tests.sim.test_strategy_contract  # noqa: F401  (registers sign_step)
+
+    assert main(["list", "trainers"]) == 0
+    assert "sends 'sign': whether the loss falls along the direction" in capsys.readouterr().out
 
 
 def test_run_then_reattack_keeps_finished_rows(tmp_path, capsys):
