@@ -82,7 +82,8 @@ def points(rows: pd.DataFrame, order: Sequence[tuple[str, str]] = ()) -> pd.Data
 
     Columns: defense, strength (as results.csv writes it, "" for the reference), parameter,
     seeds, accuracy, drop (percentage points), psnr, ssim, label_acc (each the maximum over the
-    cell's attacks, then the mean over seeds), strongest (the attack with the highest PSNR in
+    cell's attacks, then the mean over seeds), drop_sd and psnr_sd (their spread over seeds,
+    NaN for one seed), strongest (the attack with the highest PSNR in
     most seeds), mse (the strongest attack's), mse_lower_bound and epsilon (NaN where they do
     not apply).  NaN never wins a maximum and means skip it.
     """
@@ -104,7 +105,9 @@ def points(rows: pd.DataFrame, order: Sequence[tuple[str, str]] = ()) -> pd.Data
         seeds=("psnr", "size"),
         accuracy=("test_accuracy", results.mean),
         drop=("accuracy_drop", results.mean),
+        drop_sd=("accuracy_drop", results.spread),
         psnr=("psnr", results.mean),
+        psnr_sd=("psnr", results.spread),
         ssim=("ssim", results.mean),
         label_acc=("label_acc", results.mean),
         strongest=("strongest", lambda names: names.value_counts(sort=False).idxmax()),
@@ -112,7 +115,7 @@ def points(rows: pd.DataFrame, order: Sequence[tuple[str, str]] = ()) -> pd.Data
         mse_lower_bound=("mse_lower_bound", results.mean),
         epsilon=("epsilon", results.mean),
     )
-    summary["drop"] *= 100
+    summary[["drop", "drop_sd"]] *= 100
     rank = {key: i for i, key in enumerate(order)}
     keys = [(key[0] != NONE, rank.get(key, len(rank))) for key in summary.index]
     return summary.iloc[sorted(range(len(keys)), key=keys.__getitem__)].reset_index()
@@ -175,9 +178,10 @@ def markdown(summary: pd.DataFrame, drops: Sequence[float], sweep: dict, image: 
         "",
         "Accuracy and drop (percentage points against the undefended run of the same seed) after "
         "the last round; privacy is the strongest attack's: per run the maximum over attacks of "
-        "each metric (its mean over the attacked views), then the mean over seeds. Lower PSNR / "
-        "SSIM / label accuracy = more private. MSE is the strongest attack's; the bound is Paper "
-        "B's lower bound on any attack's MSE (noise defenses only).",
+        "each metric (its mean over the attacked views), then the mean over seeds; ± is the "
+        "standard deviation over seeds. Lower PSNR / SSIM / label accuracy = more private. MSE "
+        "is the strongest attack's; the bound is Paper B's lower bound on any attack's MSE "
+        "(noise defenses only).",
         "",
         "| defense | strength | seeds | test acc | drop (pp) | PSNR (dB) | SSIM | label acc "
         "| strongest | MSE | MSE bound | ε |",
@@ -186,8 +190,9 @@ def markdown(summary: pd.DataFrame, drops: Sequence[float], sweep: dict, image: 
     for p in summary.itertuples():
         strength = f"{p.parameter} = {p.strength}" if p.parameter else "—"
         lines.append(
-            f"| {p.defense} | {strength} | {p.seeds} | {p.accuracy:.4f} | {p.drop:+.2f} "
-            f"| {p.psnr:.2f} | {p.ssim:.3f} | {_fmt(p.label_acc, '.2f')} | {p.strongest} "
+            f"| {p.defense} | {strength} | {p.seeds} | {p.accuracy:.4f} "
+            f"| {p.drop:+.2f}{_sd(p.drop_sd)} | {p.psnr:.2f}{_sd(p.psnr_sd)} | {p.ssim:.3f} "
+            f"| {_fmt(p.label_acc, '.2f')} | {p.strongest} "
             f"| {_fmt(p.mse, '.4g')} | {_fmt(p.mse_lower_bound, '.4g')} "
             f"| {_fmt(p.epsilon, '.3g')} |"
         )
@@ -303,6 +308,11 @@ def _order(sweep: dict) -> list[tuple[str, str]]:
 def _training(base: dict) -> str:
     t = base.get("training", {})
     return f"{t.get('name', '?')} lr {t.get('lr', '?')} batch {t.get('batch_size', '?')}"
+
+
+def _sd(value: float) -> str:
+    """`` ± sd`` over seeds, nothing for a single seed."""
+    return "" if math.isnan(value) else f" ± {value:.2f}"
 
 
 def _fmt(value: float, spec: str) -> str:

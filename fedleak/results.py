@@ -204,6 +204,18 @@ def mean(values: pd.Series) -> float:
     return math.fsum(finite) / len(finite) if len(finite) else math.nan
 
 
+def spread(values: pd.Series) -> float:
+    """The sample standard deviation of the non-NaN values (NaN for fewer than two).
+
+    The spread over seeds beside every :func:`mean` of a table; exact sums, like the mean.
+    """
+    finite = values.dropna()
+    if len(finite) < 2:
+        return math.nan
+    centre = mean(finite)
+    return math.sqrt(math.fsum((v - centre) ** 2 for v in finite) / (len(finite) - 1))
+
+
 def summary(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Per attack (in order of first appearance): ``views`` and the :func:`mean` of each column."""
     grouped = results.groupby("attack", sort=False)

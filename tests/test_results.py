@@ -164,3 +164,9 @@ def test_a_meta_json_is_flattened(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"status": "failed", "versions": {"t": "2"}}))
     meta = results.load(tmp_path).meta
     assert meta.loc[0, "versions.t"] == "2" and meta.loc[0, "status"] == "failed"
+
+
+def test_spread_is_the_sample_standard_deviation_of_the_finite_values():
+    values = pd.Series([1.0, 2.0, float("nan"), 4.0])
+    assert results.spread(values) == pytest.approx(1.5275252316519468)
+    assert math.isnan(results.spread(pd.Series([3.0, float("nan")])))
