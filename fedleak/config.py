@@ -51,6 +51,7 @@ from fedleak.core import (
     Trainer,
     TrainingDefense,
     UpdateDefense,
+    sends,
 )
 from fedleak.data import DATASETS, PARTITIONS
 from fedleak.defenses import DEFENSES
@@ -574,11 +575,6 @@ def build(raw: Mapping[str, Any]) -> Experiment:
         server=tables["server"],
         selection=tables["selection"],
     )
-
-
-def sends(plugin: Any) -> Mapping[str, str]:
-    """What ``plugin`` declares it sends beside the model (name -> what it reveals)."""
-    return getattr(plugin, "sends", {}) if plugin is not None else {}
 
 
 def _check_channels(tables: Mapping[str, Any], defenses: Sequence[Any]) -> None:

@@ -392,6 +392,11 @@ class Selector(Protocol):
         """The chosen examples of ``data``; all randomness from ``rng`` or the shared seed."""
 
 
+def sends(plugin: Any) -> Mapping[str, str]:
+    """What ``plugin`` declares it sends beside the model (name -> what it reveals)."""
+    return getattr(plugin, "sends", {}) if plugin is not None else {}
+
+
 @dataclass(frozen=True)
 class Reply:
     """One client's reply as a server strategy sees it."""

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedleak import seeding
-from fedleak.config import Experiment, sends
-from fedleak.core import Batch, Messages, Params, Reply, Secrets, TrainResult
+from fedleak.config import Experiment
+from fedleak.core import Batch, Messages, Params, Reply, Secrets, TrainResult, sends
 
 
 class Diverged(RuntimeError):
