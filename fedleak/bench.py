@@ -140,9 +140,7 @@ class Sweep:
                 }
                 for a in self.axes
             ],
-            # The device is where the cells run, not which experiment they are: a sweep may be
-            # resumed on another machine's device.
-            "base": {k: v for k, v in reference.items() if k not in ("name", "seed", "device")},
+            "base": _identity(reference),
         }
 
 
@@ -508,9 +506,29 @@ def _normalised(record: dict[str, Any]) -> dict[str, Any]:
     return tomllib.loads(tomli_w.dumps(record))
 
 
+def _identity(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved experiment without what varies between a sweep's cells and machines.
+
+    The device is where the cells run, not which experiment they are: a sweep may be resumed
+    on another machine's device.
+    """
+    return {k: v for k, v in resolved.items() if k not in ("name", "seed", "device")}
+
+
+def _resolved_now(base: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored base as this version resolves it, so a sweep made before a table existed resumes.
+
+    Tables added since then read their defaults (e.g. ``[server]`` = fedavg).
+    """
+    try:
+        return _normalised(_identity(config.build(copy.deepcopy(dict(base))).resolved))
+    except ConfigError:  # a base this version cannot build: compared as stored, key by key
+        return dict(base)
+
+
 def _compatible(stored: Mapping[str, Any], new: Mapping[str, Any], root: Path) -> None:
     fix = f"run it into another --out directory, or restore the sweep that made {root}"
-    old_base, new_base = dict(stored.get("base", {})), dict(new["base"])
+    old_base, new_base = _resolved_now(stored.get("base", {})), dict(new["base"])
     old_attacks, new_attacks = old_base.pop("attacks", []), new_base.pop("attacks", [])
     for key in sorted(set(old_base) | set(new_base)):
         if old_base.get(key) != new_base.get(key):

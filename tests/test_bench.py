@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import tomllib
 
 import pytest
 import tomli_w
@@ -138,6 +139,13 @@ def test_tiny_sweep_rows_report_and_resume(tmp_path, runs, capsys):
         assert [r["attack_index"] for r in mine] == ["0", "1"]
         best = max(float(r["psnr"]) for r in mine)
         assert all(float(r["max_psnr"]) == best for r in mine)
+
+    # A sweep stored before a table existed (here [server]) resumes: the table's default holds.
+    stored = tomllib.loads((out / "sweep.toml").read_text())
+    del stored["base"]["server"]
+    (out / "sweep.toml").write_text(tomli_w.dumps(stored))
+    assert main(["bench", str(_write(tmp_path, grown)), "--out", str(out)]) == 0
+    assert len(runs) == 6
 
     # A changed base is refused instead of mixed into the old results.
     changed = {**SWEEP, "base": {**BASE, "rounds": 3}}
