@@ -1,0 +1,110 @@
+"""Zeroth-order optimisation (Yu et al., NeurIPS 2024) and the MeZO-style client trainer."""
+
+import math
+
+import pytest
+import torch
+
+from fedleak.optim import zeroth_order as zo
+
+D = zo.DTYPE
+
+
+def quadratic(dim: int, seed: int):
+    """``f(x) = (x - x*)^T A (x - x*) / 2`` with eigenvalues 1..5 in a random basis, and x*."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=D))
+    a = (q * torch.linspace(1, 5, dim, dtype=D)) @ q.T
+    x_star = torch.randn(dim, generator=g, dtype=D)
+    return (lambda x: 0.5 * (((x - x_star) @ a) * (x - x_star)).sum(1)), a, x_star
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_stage_reaches_the_optimum_of_a_noisy_quadratic(seed):
+    """Stated tolerance: |x_T - x*| <= 0.02 at T = 1e5, d = 3, noise std 0.1 (measured
+    0.003-0.006 over seeds 0-4)."""
+    f, _, x_star = quadratic(3, seed)
+    g = torch.Generator().manual_seed(seed)
+    algorithm = zo.two_stage(
+        torch.zeros(3, dtype=D), 10**5, rho=0.1, strong_convexity=1.0, rng=g, noise_std=0.1
+    )
+    x, used = zo.drive(algorithm, zo.noisy(f, 0.1, g))
+    assert float((x - x_star).norm()) <= 0.02
+    assert used == zo.plan(10**5, 3, 0.1, 1.0, 0.1).queries <= 10**5
+
+
+def test_two_stage_is_exact_on_a_noise_free_quadratic():
+    f, _, x_star = quadratic(4, 0)
+    g = torch.Generator().manual_seed(0)
+    algorithm = zo.two_stage(torch.zeros(4, dtype=D), 10**4, rho=1.0, strong_convexity=1.0, rng=g)
+    x, _ = zo.drive(algorithm, f)
+    assert float((x - x_star).norm()) < 1e-8
+
+
+def test_the_estimators_are_exact_on_a_quadratic():
+    """Central and second differences of a quadratic have no bias; the sphere estimate's mean
+    over many directions tends to Z grad f (variance ~ d |Z grad f|^2 / n)."""
+    f, a, x_star = quadratic(3, 1)
+    x = torch.tensor([0.3, -0.2, 1.0], dtype=D)
+    grad = a @ (x - x_star)
+    m, _ = zo.drive(zo.bootstrapping_estimate(x, 0.5, 2), f)
+    h, _ = zo.drive(zo.hessian_estimate(x, 0.5, 1, floor=0.1), f)
+    assert torch.allclose(m, grad, atol=1e-10)
+    assert torch.allclose(h, a, atol=1e-9)
+    z = 0.3 * torch.eye(3, dtype=D)
+    estimate, used = zo.drive(zo.gradient_estimate(x, z, 20000, torch.Generator()), f)
+    assert used == 40000
+    assert float((estimate - z @ grad).norm()) < 0.05 * float((z @ grad).norm())
+
+
+def test_newton_step_is_plain_newton_inside_the_trust_radius_and_clipped_outside():
+    h = torch.diag(torch.tensor([1.0, 4.0], dtype=D))
+    g = torch.tensor([0.2, 0.4], dtype=D)
+    assert torch.allclose(zo.newton_step(h, g, 10.0), -torch.linalg.solve(h, g))
+    step = zo.newton_step(h, 100 * g, 1.0)
+    assert math.isclose(float(step.norm()), 1.0, rel_tol=1e-6)
+    assert float(step @ (100 * g)) < 0  # still a descent direction
+
+
+def test_logcosh_problem_has_the_stated_constants():
+    f = zo.logcosh_problem(5, torch.Generator().manual_seed(0))
+    assert math.isclose(f.rho, 1.0, rel_tol=1e-12)
+    assert math.isclose(f.strong_convexity, 1.0, rel_tol=1e-9)
+    x_star, f_star = f.minimum()
+    probe = x_star + 1e-3 * torch.randn(20, 5, dtype=D, generator=torch.Generator())
+    assert bool((f(probe) >= f_star).all())
+
+
+def test_zo_sgd_spends_its_budget_in_pairs():
+    f, _, x_star = quadratic(2, 0)
+    x, used = zo.drive(
+        zo.zo_sgd(torch.zeros(2, dtype=D), 2001, strong_convexity=1.0, rng=torch.Generator()), f
+    )
+    assert used == 2000
+    assert float((x - x_star).norm()) < float(x_star.norm())
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: zo.plan(1000, 8, 1.0, 1.0), "use a budget of at least"),
+        (lambda: zo.plan(10**4, 2, 0.0, 1.0), "rho, strong_convexity and noise_std must be > 0"),
+        (lambda: zo.plan(10**4, 0, 1.0, 1.0), "dimension must be >= 1"),
+        (
+            lambda: next(zo.zo_sgd(torch.zeros(2), 1, strong_convexity=1.0, rng=torch.Generator())),
+            "budget must be >= 2",
+        ),
+    ],
+)
+def test_bad_options_are_one_clear_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_the_smallest_budget_named_works():
+    with pytest.raises(ValueError, match="at least") as err:
+        zo.plan(1000, 8, 1.0, 1.0)
+    least = int(str(err.value).rsplit(" ", 1)[1])
+    assert zo.plan(least, 8, 1.0, 1.0).n_h1 == 1
+    with pytest.raises(ValueError):
+        zo.plan(least - 1, 8, 1.0, 1.0)
