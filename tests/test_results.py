@@ -1,6 +1,5 @@
 """fedleak.results: runs and sweeps as DataFrames; the committed tables regenerate from them."""
 
-import argparse
 import importlib.util
 import json
 import math
@@ -131,15 +130,10 @@ def test_committed_vision_tables_regenerate_from_their_runs(tmp_path, monkeypatc
     """The summary CSV byte for byte, and the page's table and verdict (the rest of the page
     states the machine and the data, which a rerun measures anew)."""
     script = _script("vision_attacks", monkeypatch)
-    options = dict.fromkeys(
-        ("images", "indices", "batch_sizes", "batches", "states", "seed", "width", "attacks"),
-    )
-    args = argparse.Namespace(
-        config=script.DEFAULT_CONFIG, quick=False, steps=200, data_root=None, **options
-    )
     rows = results.read(COMMITTED / script.RUNS)
     facts = dict.fromkeys(("load", "images", "pool", "breaching", "reference"), "")
-    page = script.write_tables(tmp_path, script.settings(args), rows, facts)
+    cfg = script.settings(script.DEFAULT_CONFIG, steps=200)
+    page = script.write_tables(tmp_path, cfg, rows, facts)
     summary = (tmp_path / script.SUMMARY).read_bytes()
     assert summary == (COMMITTED / script.SUMMARY).read_bytes()
     committed = (COMMITTED / script.PAGE).read_text()

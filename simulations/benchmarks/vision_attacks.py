@@ -115,27 +115,41 @@ QUICK = {
 
 
 # -- settings -------------------------------------------------------------------------------
-def settings(args: argparse.Namespace) -> dict:
-    """The TOML file, then --quick, then explicit options: the resolved settings."""
-    cfg = _bench.load_config(args.config)
-    if args.quick:
+SETTABLE = ("images", "indices", "batch_sizes", "batches", "steps", "states", "seed")
+
+
+def settings(
+    config: Path,
+    *,
+    quick: bool = False,
+    width: int | None = None,
+    attacks: list[str] | None = None,
+    data_root: str | None = None,
+    **values,
+) -> dict:
+    """The TOML file, then ``quick``, then explicit values (None: keep): the resolved settings.
+
+    ``values`` are top-level settings by name (:data:`SETTABLE`); ``attacks`` the config's
+    [attacks] rows to run (default: all).
+    """
+    if unknown := sorted(set(values) - set(SETTABLE)):
+        raise TypeError(f"settings: unknown {unknown}; settable: {', '.join(SETTABLE)}")
+    cfg = _bench.load_config(config)
+    if quick:
         cfg = _bench.merge_config(cfg, QUICK)
-    for key in ("images", "indices", "batch_sizes", "batches", "steps", "states", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
-    if args.width is not None:
-        cfg["model"]["width"] = args.width
-    rows = args.attacks or cfg.pop("rows", None)  # the [attacks] rows to run (default: all)
+    cfg.update({k: v for k, v in values.items() if v is not None})
+    if width is not None:
+        cfg["model"]["width"] = width
+    rows = attacks or cfg.pop("rows", None)  # the [attacks] rows to run (default: all)
     if rows:
         unknown = [a for a in rows if a not in cfg["attacks"]]
         if unknown:
             raise SystemExit(
-                f"vision_attacks: attack rows {unknown} not in {args.config}; "
+                f"vision_attacks: attack rows {unknown} not in {config}; "
                 f"it defines {', '.join(cfg['attacks'])}"
             )
         cfg["attacks"] = {k: cfg["attacks"][k] for k in rows}
-    root = Path(args.data_root or cfg["data_root"]).expanduser()
+    root = Path(data_root or cfg["data_root"]).expanduser()
     cfg["data_root"] = str(root if root.is_absolute() else (_bench.REPO / root).resolve())
     if cfg["batches"] < 1 or cfg["steps"] < 1 or not cfg["batch_sizes"]:
         raise SystemExit("vision_attacks: need batches >= 1, steps >= 1 and some batch sizes")
@@ -547,7 +561,14 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = settings(args)
+    cfg = settings(
+        args.config,
+        quick=args.quick,
+        width=args.width,
+        attacks=args.attacks,
+        data_root=args.data_root,
+        **{k: getattr(args, k) for k in SETTABLE},
+    )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     images, pool, pool_text = load_images(cfg)

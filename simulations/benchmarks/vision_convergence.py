@@ -51,20 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("vision_convergence: budgets and --batches must be >= 1")
     torch.set_num_threads(args.threads)
     cfg = va.settings(
-        argparse.Namespace(
-            config=args.config,
-            quick=False,
-            images=None,
-            indices=None,
-            batch_sizes=args.batch_sizes,
-            batches=args.batches,
-            steps=None,
-            states=None,
-            seed=None,
-            width=None,
-            attacks=args.attacks,
-            data_root=args.data_root,
-        )
+        args.config,
+        attacks=args.attacks,
+        data_root=args.data_root,
+        batch_sizes=args.batch_sizes,
+        batches=args.batches,
     )
     cfg["attacks"] = {k: v for k, v in cfg["attacks"].items() if not va._analytic(v)}
     args.out.mkdir(parents=True, exist_ok=True)
