@@ -108,3 +108,100 @@ def test_the_smallest_budget_named_works():
     assert zo.plan(least, 8, 1.0, 1.0).n_h1 == 1
     with pytest.raises(ValueError):
         zo.plan(least - 1, 8, 1.0, 1.0)
+
+
+# -- the MeZO-style client ------------------------------------------------------------------
+
+
+def mezo_experiment(**training):
+    from fedleak import config
+
+    options = {"name": "mezo", "lr": 1e-3, "local_steps": 3, "batch_size": 8, "directions": 4}
+    return config.load(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "mlp", "hidden": [16]},
+            "clients": 4,
+            "clients_per_round": 2,
+            "training": {**options, **training},
+        }
+    )
+
+
+@pytest.mark.parametrize("extra", [{}, {"noise_std": 0.5, "clip": 2.0}, {"parameters": ["3."]}])
+def test_the_seed_replay_reproduces_the_clients_update_exactly(extra):
+    from fedleak import federation, seeding
+
+    exp = mezo_experiment(**extra)
+    sent = federation.initial_params(exp)
+    update = federation.local_update(exp, 1, 2, sent)
+    assert update.params == {}  # no model leaves the client
+    assert set(update.messages) == {"seeds", "projected"}
+    assert update.messages["projected"].shape == (3, 4)
+    server = federation.reply(exp, 1, sent, update).params
+    # the client's own state after the same round
+    model = exp.build_model()
+    model.load_state_dict(sent)
+    rng = seeding.rng(exp.seed, "train", 1, 2)
+    exp.trainer.fit(model, exp.client_data(1), exp.loss_fn, rng, instructions={})
+    client = model.state_dict()
+    assert client.keys() == server.keys()
+    assert all(torch.equal(client[k], server[k]) for k in client)
+    moved = [k for k in client if not torch.equal(client[k], sent[k])]
+    assert moved == exp.trainer.perturbed(model)
+
+
+def test_one_step_projected_differences_are_directional_derivatives():
+    """With one step, ``p_j`` is ``<grad L, z_j>`` up to O(eps^2), so ``-delta / lr``, the
+    ``(1/n) sum_j p_j z_j`` the attacks receive, estimates the gradient."""
+    import copy
+
+    from fedleak.training.zeroth_order import _directions
+
+    exp = mezo_experiment(local_steps=1, batch_size=0, directions=3, eps=1e-7)
+    model = exp.build_model().double()
+    start = copy.deepcopy(model)
+    data = exp.client_data(0)
+    data = type(data)(data.inputs.double(), data.labels)
+    result = exp.trainer.fit(model, data, exp.loss_fn, torch.Generator(), instructions={})
+    names = exp.trainer.perturbed(model)
+    params = dict(start.named_parameters())
+    loss = exp.loss_fn(start(data.inputs), data.labels)
+    grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names]), strict=True))
+    theta = {k: params[k].detach() for k in names}
+    z = _directions(theta, int(result.messages["seeds"][0]), 3)
+    for j, direction in enumerate(z):
+        exact = sum(float((grads[k] * direction[k]).sum()) for k in names)
+        assert math.isclose(float(result.messages["projected"][0, j]), exact, rel_tol=1e-6)
+    estimate = sum(float(result.messages["projected"][0, j]) * z[j][names[0]] for j in range(3))
+    moved = (model.state_dict()[names[0]] - theta[names[0]]) / -exp.trainer.lr
+    assert torch.allclose(moved, estimate / 3, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"eps": -1.0}, "eps must be > 0"),
+        ({"directions": 0}, "directions must be >= 1"),
+        ({"noise_std": -0.1}, "clip and noise_std must be >= 0"),
+        ({"parameters": ["nope"]}, "match none of the model's parameters"),
+    ],
+)
+def test_bad_mezo_options_are_one_clear_error(options, match):
+    with pytest.raises(ValueError, match=match):
+        mezo_experiment(**options).check()
+
+
+def test_mezo_refuses_gradient_defenses():
+    from fedleak import config
+
+    with pytest.raises(ValueError, match="protect its scalars"):
+        config.load(
+            {
+                "data": {"name": "digits"},
+                "model": {"name": "mlp"},
+                "training": {"name": "mezo"},
+                "defenses": [{"name": "dpsgd"}],
+            }
+        ).check()
