@@ -101,6 +101,16 @@ def slopes(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def d_exponents(summary: pd.DataFrame) -> pd.DataFrame:
+    """The exponent of d in the regret at each budget: slope of log regret on log d."""
+    rows = []
+    for (algorithm, budget), part in summary.groupby(["algorithm", "budget"]):
+        if len(part) >= 2:
+            fit = np.polyfit(np.log10(part["d"]), np.log10(part["regret"]), 1)
+            rows.append({"algorithm": algorithm, "budget": budget, "exponent": fit[0]})
+    return pd.DataFrame(rows)
+
+
 def page(summary: pd.DataFrame, fits: pd.DataFrame, runs: pd.DataFrame, quick: bool) -> str:
     lines = [
         "# Zeroth-order simple regret: two-stage (Algorithm 4) vs ZO-SGD",
@@ -133,6 +143,31 @@ def page(summary: pd.DataFrame, fits: pd.DataFrame, runs: pd.DataFrame, quick: b
     ]
     for r in fits.itertuples():
         lines.append(f"| {r.algorithm} | {r.d} | {r.points} | {r.slope:.3f} |")
+    lines += [
+        "",
+        "## Exponent of d at each budget (slope of log regret on log d over d = "
+        f"{', '.join(map(str, DIMS))}; theory: 1 for two-stage, 2 or 5/3 for earlier methods)",
+        "",
+        "| algorithm | budget T | exponent of d |",
+        "|---|---|---|",
+    ]
+    for r in d_exponents(summary).itertuples():
+        lines.append(f"| {r.algorithm} | {r.budget:.3g} | {r.exponent:.2f} |")
+    two = fits[fits["algorithm"] == "two_stage"]
+    exps = d_exponents(summary)
+    exps = exps[exps["algorithm"] == "two_stage"]
+    if len(two) and len(exps):
+        lines += [
+            "",
+            "## Reading",
+            "",
+            f"Two-stage slopes in T: {two['slope'].min():.2f} to {two['slope'].max():.2f} "
+            f"(theory -0.67). Its regret grows like d^{exps['exponent'].min():.2f} to "
+            f"d^{exps['exponent'].max():.2f} at fixed T: above the theory's d^1 at these sizes "
+            "(the bound is asymptotic; our Hessian estimate spends a larger share of the budget "
+            "as d grows, see the queries column), far below ZO-SGD's, which is unstable for "
+            "d >= 8 at these budgets with the step 1/(Mt).",
+        ]
     lines += ["", "![regret vs queries](zo_regret.png)", ""]
     return "\n".join(lines)
 
