@@ -164,8 +164,9 @@ def page(summary: pd.DataFrame, fits: pd.DataFrame, runs: pd.DataFrame, quick: b
             f"Two-stage slopes in T: {two['slope'].min():.2f} to {two['slope'].max():.2f} "
             f"(theory -0.67). Its regret grows like d^{exps['exponent'].min():.2f} to "
             f"d^{exps['exponent'].max():.2f} at fixed T: above the theory's d^1 at these sizes "
-            "(the bound is asymptotic; our Hessian estimate spends a larger share of the budget "
-            "as d grows, see the queries column), far below ZO-SGD's, which is unstable for "
+            "(the bound is asymptotic, and the sample sizes' floors leave larger d fewer of "
+            "its T queries, see the queries column: at (T_used ratio)^(-2/3) that accounts "
+            "for about 0.1 of the exponent), far below ZO-SGD's, which is unstable for "
             "d >= 8 at these budgets with the step 1/(Mt).",
         ]
     lines += ["", "![regret vs queries](zo_regret.png)", ""]
