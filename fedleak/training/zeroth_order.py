@@ -223,3 +223,83 @@ def _loss(
     params = {k: v.clone() for k, v in state.items()}
     params.update({k: v + scale * z[k] for k, v in theta.items()})
     return loss_fn(functional_call(model, params, (batch.inputs,)), batch.labels)
+
+
+@TRAINERS.register("zo_query")
+@dataclass
+class ZOQuery:
+    """The client of ``zo_newton``: its loss at each point the server asks, nothing trained."""
+
+    sends_model: ClassVar[bool] = False
+    sends: ClassVar[dict[str, str]] = {
+        "losses": "[q] the client's mean loss at each of the server's points: its own loss "
+        "surface in the tuned parameters (with the public points, its gradient there)",
+    }
+
+    lr: float = 1.0  # unused: nothing is trained; kept for the protocol record
+    parameters: tuple[str, ...] = ()  # the tensors the points set, as in server.parameters
+    batch_size: int = 0  # > 0: each point on a fresh random mini-batch of this size
+    noise_std: float = 0.0  # Gaussian noise added to each loss before it is sent
+
+    def __post_init__(self) -> None:
+        self.parameters = tuple(self.parameters)
+        if not self.parameters:
+            raise ValueError("zo_query: name the parameters the server's points set")
+        if self.batch_size < 0 or self.noise_std < 0:
+            raise ValueError(
+                f"zo_query: batch_size and noise_std must be >= 0, got {self.batch_size} and "
+                f"{self.noise_std}"
+            )
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: Batch,
+        loss_fn: LossFn,
+        rng: torch.Generator,
+        defenses: tuple[TrainingDefense | GradientDefense, ...] = (),
+        instructions: Messages | None = None,
+    ) -> TrainResult:
+        """The losses at ``instructions["points"]``; the model is left as received."""
+        if defenses:
+            raise ValueError("zo_query: it computes no gradients to defend; use noise_std")
+        if not len(data):
+            raise ValueError("zo_query: the client has no examples to evaluate")
+        points = (instructions or {}).get("points")
+        if points is None:
+            raise ValueError("zo_query: no points to evaluate; use server.name = 'zo_newton'")
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for point in points:
+                params = dict(state)
+                start = 0
+                for name in self.parameters:
+                    size = state[name].numel()
+                    chunk = point[start : start + size].reshape(state[name].shape)
+                    params[name] = chunk.to(state[name].dtype)
+                    start += size
+                batch = data
+                if self.batch_size:
+                    idx = torch.randperm(len(data), generator=rng)[: self.batch_size]
+                    idx = idx.to(data.labels.device)
+                    batch = Batch(data.inputs[idx], data.labels[idx])
+                out = functional_call(model, params, (batch.inputs,))
+                losses.append(loss_fn(out, batch.labels))
+            here = float(loss_fn(model(data.inputs), data.labels))  # at the received model
+        sent = torch.stack(losses) if losses else torch.zeros(0, device=data.labels.device)
+        if self.noise_std > 0:
+            noise = torch.randn(sent.shape, generator=rng, dtype=sent.dtype)
+            sent = sent + self.noise_std * noise.to(sent.device)
+        return TrainResult(
+            loss=here,
+            steps=len(points),
+            batch_size=self.batch_size or len(data),
+            used=data,
+            messages={"losses": sent},
+        )
+
+    def replay(self, sent: Params, messages: Messages, build_model) -> Params:
+        """The client's state is the global one: it trains nothing."""
+        return {k: v.clone() for k, v in sent.items()}
