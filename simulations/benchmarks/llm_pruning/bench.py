@@ -103,7 +103,50 @@ def cells(cfg: dict) -> list[dict]:
         )
     structured(rest, head)
     structured(first + rest, tail)
+    for m in cfg["unstructured"]:
+        out.append(
+            {
+                "cell": f"llmcompressor {m['label']}@{m['sparsity']:g}",
+                "label": f"llmcompressor {m['label']}",
+                "kind": "reference",
+                "ratio": m["sparsity"],
+                "method": m,
+            }
+        )
     return out
+
+
+# llmcompressor 0.14 pins transformers<=5.17 (fedleak's .venv has 5.25), so its rows run in a
+# side environment given by $LLMCOMPRESSOR_PYTHON: a venv with llmcompressor and
+# transformers 5.17 that reuses .venv's torch (see the page).
+REFERENCE_PYTHON = os.environ.get("LLMCOMPRESSOR_PYTHON", sys.executable)
+
+
+def reference(model, tokenizer, cfg: dict, cell: dict, calibration) -> None:
+    """llmcompressor's own SparseGPT / Wanda on the same model, blocks and calibration."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    start, stop = cfg["blocks"]
+    blocks = "|".join(str(i) for i in range(start, stop))
+    targets = [rf"re:model\.layers\.({blocks})\.(self_attn|mlp)\..*_proj$"]
+    modifier = SparseGPTModifier if cell["method"]["name"] == "sparsegpt" else WandaPruningModifier
+    recipe = modifier(sparsity=cell["ratio"], targets=targets, ignore=["lm_head"])
+    data = Dataset.from_dict(
+        {
+            "input_ids": calibration.tolist(),
+            "attention_mask": [[1] * calibration.shape[1]] * len(calibration),
+        }
+    )
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=data,
+        recipe=recipe,
+        max_seq_length=calibration.shape[1],
+        num_calibration_samples=len(calibration),
+    )
 
 
 def data_file(cfg: dict) -> Path:
@@ -127,7 +170,15 @@ def run_cell(cfg: dict, cell: dict) -> dict:
     dense_params = parameter_count(model)
     loaded = rss_mb()
     seconds, note = 0.0, ""
-    if cell["kind"] != "dense":
+    if cell["kind"] == "reference":
+        start = time.perf_counter()
+        reference(model, tokenizer, cfg, cell, calibration)
+        seconds = time.perf_counter() - start
+        import llmcompressor
+        import transformers
+
+        note = f"llmcompressor {llmcompressor.__version__}, transformers {transformers.__version__}"
+    elif cell["kind"] != "dense":
         options = {k: v for k, v in cell["method"].items() if k not in ("label", "first")}
         name = options.pop("name")
         options["blocks"] = tuple(cfg["blocks"])
