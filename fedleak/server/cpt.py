@@ -98,7 +98,8 @@ class CPT:
             ]
         )
         step = epo_weights(
-            np.array([r.loss for r in replies]),
+            # a client fitted to float precision reports 0; the program needs positive losses
+            np.maximum([r.loss for r in replies], 1e-12),
             (deltas @ deltas.T).numpy(),  # the Gram of -delta equals that of delta
             self.client_preference([r.client for r in replies]),
             self.eps,
