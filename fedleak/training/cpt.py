@@ -56,10 +56,11 @@ class CPT:
     """Group-robust local training of a tunable block: CPT's EPO mix, or ERM/reweight/GroupDRO."""
 
     sends: ClassVar[dict[str, str]] = {
-        "group_losses": "each group's mean loss at the received model [K]; 0 = the client has "
-        "no example of that group (its group and label support)",
-        "group_weights": "the group mix the client followed, mean over its steps [K] (which of "
-        "its groups the model serves worst)",
+        "group_losses": "each group's mean loss at the received model on the first step's "
+        "examples [K]; 0 = no example of that group (the client's group and label support)",
+        "group_weights": "the group mix the client followed, mean over its steps [K]: with epo "
+        "or groupdro which of its groups the model serves worst; with erm exactly its group "
+        "proportions; with reweight its group support",
     }
 
     lr: float = 0.05
@@ -148,7 +149,10 @@ class CPT:
             raise ValueError("cpt: training defenses do not apply to it; use update defenses")
         if self.groups == "labels":
             groups = data.labels
+            with torch.no_grad():  # one group per class: the model's output width
+                k = model(data.inputs[:1]).shape[-1]
         else:
+            k = self.num_groups
             groups = getattr(data, "groups", None)
             if groups is None:
                 raise ValueError(
@@ -156,7 +160,7 @@ class CPT:
                     "which this run does not carry; use groups = 'labels', or a data source "
                     "with groups"
                 )
-        return self.fit_groups(model, data.inputs, data.labels, groups, loss_fn, rng)
+        return self.fit_groups(model, data.inputs, data.labels, groups, loss_fn, rng, k)
 
     def fit_groups(
         self,
@@ -166,12 +170,16 @@ class CPT:
         groups: Tensor,
         loss_fn: LossFn,
         rng: torch.Generator,
+        num_groups: int,
     ) -> TrainResult:
-        """Train the block of ``model`` in place on examples with group ids ``groups``."""
+        """Train the block of ``model`` in place on examples with group ids in 0..K-1.
+
+        ``num_groups`` (K) is the same for every client, so that their messages line up.
+        """
         n = len(labels)
         if n == 0:
             raise ValueError("cpt: the client has no examples to train on")
-        k = self.num_groups or int(groups.max()) + 1
+        k = num_groups
         names = block_names((name for name, _ in model.named_parameters()), self.block, "cpt")
         params = dict(model.named_parameters())
         frozen = [p for name, p in params.items() if name not in names and p.requires_grad]

@@ -48,7 +48,7 @@ def test_epo_client_balances_its_groups_and_trains_only_the_block():
             num_groups=4,
             block=("1.bias", "3."),
         )
-        out = trainer.fit_groups(net, x, y, g, nn.functional.cross_entropy, seeding.rng(0))
+        out = trainer.fit_groups(net, x, y, g, nn.functional.cross_entropy, seeding.rng(0), 4)
         assert set(out.messages) == set(TRAINERS["cpt"].sends)
         assert out.messages["group_losses"].shape == (4,)
         assert out.messages["group_weights"].sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -74,7 +74,7 @@ def test_preference_lowers_the_preferred_groups_loss():
             preference=c,
             block=("1.bias", "3."),
         )
-        trainer.fit_groups(net, x, y, g, nn.functional.cross_entropy, seeding.rng(0))
+        trainer.fit_groups(net, x, y, g, nn.functional.cross_entropy, seeding.rng(0), 4)
         losses[c[1]] = final_losses(net, x, y, g)
     assert losses[4.0][1] < losses[1.0][1]
 
@@ -90,6 +90,13 @@ def test_fit_reads_groups_from_the_data_or_the_labels():
         model(), batch, nn.functional.cross_entropy, seeding.rng(0)
     )
     assert out.messages["group_losses"].shape == (2,)
+    # a client holding one class still sends one entry per class: 0 marks the missing one
+    one = Batch(x[y == 0], y[y == 0])
+    out = TRAINERS["cpt"](groups="labels", method="erm").fit(
+        model(), one, nn.functional.cross_entropy, seeding.rng(0)
+    )
+    assert out.messages["group_losses"][1] == 0 and out.messages["group_losses"][0] > 0
+    assert out.messages["group_weights"].tolist() == [1.0, 0.0]  # erm: its label proportions
 
 
 @pytest.mark.parametrize(
