@@ -23,6 +23,7 @@ here is a handful of index selects on known layers, tested against the mask mode
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -211,3 +212,62 @@ def keep_columns(linear: nn.Linear, keep: Tensor) -> None:
     """Physically keep only the input channels ``keep`` of ``linear``."""
     linear.weight = nn.Parameter(linear.weight[:, keep].clone())
     linear.in_features = len(keep)
+
+
+# Which tensor entries a head / channel owns, from the state_dict names alone: what a server
+# needs to put a client's pruned model back in the global shape.  (suffix, axis, unit)
+_LLAMA = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.")
+_BERT = re.compile(
+    r"(?:^|\.)layer\.(\d+)\.(attention\.self\.(?:query|key|value)|attention\.output\.dense|"
+    r"intermediate\.dense|output\.dense)\."
+)
+_ROLES = {  # layer -> (unit, axis of the weight the unit indexes)
+    "self_attn.q_proj": ("head", 0),
+    "self_attn.k_proj": ("kv", 0),
+    "self_attn.v_proj": ("kv", 0),
+    "self_attn.o_proj": ("head", 1),
+    "mlp.gate_proj": ("channel", 0),
+    "mlp.up_proj": ("channel", 0),
+    "mlp.down_proj": ("channel", 1),
+    "attention.self.query": ("head", 0),
+    "attention.self.key": ("head", 0),
+    "attention.self.value": ("head", 0),
+    "attention.output.dense": ("head", 1),
+    "intermediate.dense": ("channel", 0),
+    "output.dense": ("channel", 1),
+}
+
+
+def entry_masks(
+    params: dict[str, Tensor], head_mask: Tensor, channel_mask: Tensor
+) -> dict[str, Tensor]:
+    """Per tensor of a Llama-like or BERT-like state, the entries the kept structure owns.
+
+    ``head_mask [blocks, heads]`` and ``channel_mask [blocks, channels]`` (True / 1 = kept) in
+    the global model's coordinates.  Returns a boolean mask broadcastable to each tensor a
+    pruned head or channel touches (q/k/v rows and their biases, o columns; level-1 rows and
+    biases, down columns); tensors no head or channel owns (norms, embeddings, level-2 biases)
+    are absent.  A key/value head is kept while any query head of its group is.
+    """
+    heads, channels = head_mask.bool(), channel_mask.bool()
+    out = {}
+    for name, tensor in params.items():
+        match = _LLAMA.search(name) or _BERT.search(name)
+        if match is None:
+            continue
+        unit, axis = _ROLES[match.group(2)]
+        if name.endswith(".bias") and axis == 1:
+            continue  # a level-2 bias belongs to every channel
+        block = int(match.group(1))
+        size = tensor.shape[axis] if tensor.ndim == 2 else tensor.shape[0]
+        if unit == "channel":
+            keep = channels[block]
+        elif unit == "head":
+            keep = heads[block].repeat_interleave(size // heads.shape[1])
+        else:  # k/v rows of a GQA model: the head size comes from q
+            q = params[name.replace(match.group(2), "self_attn.q_proj")]
+            head_dim = q.shape[0] // heads.shape[1]
+            kv = heads[block].reshape(size // head_dim, -1).any(1)
+            keep = kv.repeat_interleave(head_dim)
+        out[name] = keep.view(-1, 1) if axis == 0 and tensor.ndim == 2 else keep
+    return out
