@@ -145,6 +145,24 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"not in the report: {listed}", file=sys.stderr)
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    """Prune a causal LM standalone; print perplexity, parameters, FLOPs and wall time."""
+    from fedleak.pruning import standalone
+
+    cfg = standalone.load(args.config)
+    result = standalone.run(cfg)
+    pruner = cfg["pruner"]["name"]
+    if "dense_perplexity" in result:
+        print(f"dense:  perplexity {result['dense_perplexity']:.2f}")
+    seconds = result["prune_seconds"]
+    print(f"{pruner}: perplexity {result['perplexity']:.2f} (pruned in {seconds:.1f} s)")
+    print(
+        f"parameters {result['dense_parameters']:,} -> {result['parameters']:,}; "
+        f"GFLOPs per token {result['dense_gflops_per_token']:.3f} -> "
+        f"{result['gflops_per_token']:.3f}"
+    )
+
+
 def _flower_log(verbose: bool) -> None:
     """Flower configures its logger on import: quiet it (per round INFO) unless asked."""
     import flwr  # noqa: F401 - installs Flower's handler, which we then tune
@@ -236,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ben.add_argument("--drops", **drops)
     ben.set_defaults(func=cmd_bench)
+    pru = sub.add_parser("prune", help="prune a causal LM standalone and print its perplexity")
+    pru.add_argument("config", help="pruning TOML, e.g. simulations/smollm2_prune.toml")
+    pru.set_defaults(func=cmd_prune)
     rep = sub.add_parser("report", help="tables and plot from a sweep directory's results.csv")
     rep.add_argument("dir", type=Path)
     rep.add_argument("--drops", **drops)
