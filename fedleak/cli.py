@@ -24,6 +24,7 @@ def _kinds() -> dict:
     from fedleak.defenses import DEFENSES
     from fedleak.models import MODELS
     from fedleak.modifiers import MODIFIERS
+    from fedleak.pruning import PRUNERS
     from fedleak.selection import SELECTORS
     from fedleak.server import SERVER_STRATEGIES
     from fedleak.training import TRAINERS
@@ -35,6 +36,7 @@ def _kinds() -> dict:
         "selectors": SELECTORS,
         "servers": SERVER_STRATEGIES,
         "modifiers": MODIFIERS,
+        "pruners": PRUNERS,
         "datasets": DATASETS,
         "partitions": PARTITIONS,
         "models": MODELS,
