@@ -285,6 +285,8 @@ class SkMM(GradientOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.moments == "local":  # this instance sends nothing beyond the model
+            self.sends = {}
         if self.sketch_dim < 1:
             raise ValueError(f"skmm: sketch_dim must be >= 1, got {self.sketch_dim}")
         if self.block < 1:

@@ -221,3 +221,13 @@ def test_global_moments_are_sent_recorded_and_matched(tmp_path, tiny):
         torch.testing.assert_close(view.instructions["skmm_global_moment"], summed)
         # round 2 keeps round 1's sketch, so the moments share coordinates
         assert int(view.messages["skmm_seed"]) == int(first[0].instructions["seed"])
+
+
+def test_only_global_moments_declare_messages():
+    assert SELECTORS["skmm"]().sends == {}
+    assert set(SELECTORS["skmm"](moments="global").sends) == {
+        "skmm_moment",
+        "skmm_count",
+        "skmm_seed",
+    }
+    assert "skmm_moment" in SELECTORS["skmm"].sends  # what `fedleak list` shows
