@@ -42,9 +42,9 @@ tokens.  The federated trainer declares the masks it sends.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -213,15 +213,6 @@ def prunable(model: nn.Module) -> dict[str, nn.Linear]:
     return {names[id(b.get_submodule(n))]: b.get_submodule(n) for b in blocks for n in LINEARS}
 
 
-@contextmanager
-def _hooked(module: nn.Module, hook: Callable) -> Iterator[None]:
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def _block_inputs(model: nn.Module, ids: Tensor, pad_id: int) -> tuple[Tensor, dict]:
     """The first block's hidden-state input and keyword arguments on ``ids`` (the "catcher")."""
@@ -256,14 +247,14 @@ class _Stats:
         self.cross: Tensor | float = 0.0
         self.n = 0
 
-    def add(self, x: Tensor, y: Tensor | None, keep: Tensor) -> None:
-        """Add the tokens of one chunk (``keep``: its real, unpadded tokens, flat)."""
-        x = x.reshape(-1, x.shape[-1])[keep].double()
+    def add(self, x: Tensor, y: Tensor | None) -> None:
+        """Add tokens ``x`` ``[n, d]`` (and their targets ``y`` ``[n, d_out]``)."""
+        x = x.double()
         if self.bias:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
         self.gram = self.gram + x.T @ x
         if y is not None:
-            self.cross = self.cross + x.T @ y.reshape(-1, y.shape[-1])[keep].double()
+            self.cross = self.cross + x.T @ y.double()
         self.n += len(x)
 
 
@@ -324,34 +315,29 @@ def prune_layerwise(
     solve = obc_prune if config.solver == "obc" else _sparsegpt_prune
     for block, dense in zip(blocks, dense_blocks, strict=True):
         layers = [block.get_submodule(n) for n in LINEARS]
-        dense_layers = [dense.get_submodule(n) for n in LINEARS]
+        # The dense layers' outputs on the dense stream: the refit's targets, one pass per block.
+        targets, dense_in = (
+            _dense_pass(dense, dense_in, kw, keep) if config.refit else ({}, dense_in)
+        )
         pending = list(range(len(LINEARS)))
         while pending:
             group = pending[:1] if config.sequential else pending
-            stats = {
-                i: _collect(
-                    block,
-                    layers[i],
-                    dense,
-                    dense_layers[i],
-                    pruned_in,
-                    dense_in,
-                    kw,
-                    keep,
-                    config.refit and layers[i].bias is not None,
-                )
-                for i in group
-            }
-            for i in group:
-                layer, s = layers[i], stats[i]
+            inputs = _inputs(block, [layers[i] for i in group], pruned_in, kw, keep)
+            for i, x in zip(group, inputs, strict=True):
+                layer = layers[i]
+                refit = config.refit and layer.bias is not None
+                stats = _Stats(bias=refit)
+                stats.add(x, targets.get(LINEARS[i]) if refit else None)
                 weight = layer.weight.double()
-                if s.bias:  # refit (layers without a bias are not refit)
-                    solution = ridge_refit(s.gram / s.n, s.cross / s.n, config.ridge)
+                if refit:
+                    solution = ridge_refit(
+                        stats.gram / stats.n, stats.cross / stats.n, config.ridge
+                    )
                     weight = solution[:-1].T
                     layer.bias.copy_(solution[-1])
-                    hessian = s.gram[:-1, :-1] / s.n
+                    hessian = stats.gram[:-1, :-1] / stats.n
                 else:
-                    hessian = s.gram / s.n
+                    hessian = stats.gram / stats.n
                 if config.sparsity > 0 or config.m:
                     weight = solve(
                         weight, hessian, config.sparsity, config.n, config.m, config.damp
@@ -360,7 +346,6 @@ def prune_layerwise(
                 masks[names[id(layer)] + ".weight"] = weight != 0
             pending = [i for i in pending if i not in group]
         pruned_in = [block(x, **k) for x, k in zip(pruned_in, kw, strict=True)]
-        dense_in = [dense(x, **k) for x, k in zip(dense_in, kw, strict=True)]
     model.train(was_training)
     return masks
 
@@ -381,21 +366,49 @@ def _sliced(kwargs: dict, part: slice, n: int) -> dict:
     return out
 
 
-def _collect(block, layer, dense, dense_layer, pruned_in, dense_in, kw, keep, refit):
-    """``X̂ᵀX̂`` of ``layer``'s input in the pruned stream, and ``X̂ᵀY`` with the dense output."""
-    targets: list[Tensor] = []
-    if refit:
-        with _hooked(dense_layer, lambda mod, args, out: targets.append(out)):
-            for x, k in zip(dense_in, kw, strict=True):
-                dense(x, **k)
-    inputs: list[Tensor] = []
-    with _hooked(layer, lambda mod, args, out: inputs.append(args[0])):
-        for x, k in zip(pruned_in, kw, strict=True):
-            block(x, **k)
-    stats = _Stats(bias=refit)
-    for i, x in enumerate(inputs):
-        stats.add(x, targets[i] if refit else None, keep[i])
-    return stats
+def _dense_pass(dense, stream, kw, keep) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """Every dense layer's output on its real tokens (by LINEARS name), and the block outputs."""
+    targets: dict[str, list[Tensor]] = {n: [] for n in LINEARS}
+    handles = [
+        dense.get_submodule(n).register_forward_hook(
+            lambda mod, args, out, n=n: targets[n].append(out)
+        )
+        for n in LINEARS
+    ]
+    try:
+        outputs = []
+        for x, k, real in zip(stream, kw, keep, strict=True):
+            outputs.append(dense(x, **k))
+            for n in LINEARS:  # only real tokens are kept, to bound the memory
+                targets[n][-1] = targets[n][-1].reshape(-1, targets[n][-1].shape[-1])[real]
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in targets.items()}, outputs
+
+
+def _inputs(block, layers, stream, kw, keep) -> list[Tensor]:
+    """The inputs (real tokens) of ``layers`` in the pruned stream; the block stops after them."""
+    seen: dict[int, list[Tensor]] = {id(layer): [] for layer in layers}
+    last = layers[-1]
+
+    def hook(mod, args, out):
+        seen[id(mod)].append(args[0])
+        if mod is last:
+            raise _Caught
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        for x, k, real in zip(stream, kw, keep, strict=True):
+            with contextlib.suppress(_Caught):
+                block(x, **k)
+            for layer in layers:
+                got = seen[id(layer)]
+                got[-1] = got[-1].reshape(-1, got[-1].shape[-1])[real]
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(seen[id(layer)]) for layer in layers]
 
 
 @PRUNERS.register("krp")
