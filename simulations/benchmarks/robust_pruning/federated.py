@@ -85,7 +85,7 @@ def main() -> None:
         if variant in done:
             continue
         exp = _load(variant, [f"data.root={root}", f"model.path={folder}", *overrides])
-        out = args.out / "runs" / variant
+        out = CACHE / "federated" / variant  # run directories (views: ~90 MB each) stay out of git
         if out.exists():
             shutil.rmtree(out)  # a half-finished run: start it again
         store = pipeline.run(exp, out)

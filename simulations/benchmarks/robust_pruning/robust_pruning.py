@@ -188,13 +188,14 @@ def prune_oneshot(setup: Setup, method: str, sparsity: float):
 
 def oneshot(args) -> None:
     runs = args.out / "oneshot_runs.csv"
-    done = {(r["method"], float(r["sparsity"])) for r in _bench.read_rows(runs)}
     setup = Setup(args)
     measured = _bench.commit()
     cells = [("dense", 0.0)] + [
         (m, s) for s in args.sparsities for m in ("krp", "sparsegpt", "magnitude")
     ]
     for method, sparsity in cells:
+        # Read before every cell: another worker may share the runs file (disjoint cells).
+        done = {(r["method"], float(r["sparsity"])) for r in _bench.read_rows(runs)}
         if (method, sparsity) in done:
             continue
         model, prune_seconds = prune_oneshot(setup, method, sparsity)
