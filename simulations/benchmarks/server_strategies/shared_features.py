@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     measured = _bench.commit()
     seeds = range(1 if args.quick else args.seeds)
     jobs = [("planted", "rotated Gaussian", s) for s in seeds]
-    jobs += [("digits", f, s) for f in ("pixels", "mlp", "projectionnet") for s in seeds]
+    jobs += [("digits", f, s) for s in seeds for f in ("pixels", "mlp", "projectionnet")]
     for part, features, seed in jobs:
         if (part, features, str(seed)) in done:
             continue
