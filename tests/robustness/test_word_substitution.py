@@ -123,3 +123,22 @@ def test_minilm_neighbours_are_whole_words_above_the_threshold():
 def test_bad_options_are_one_clear_error(options, message):
     with pytest.raises(ValueError, match=message):
         ws.WordSubstitution(**options)
+
+
+@pytest.mark.slow  # loads the MiniLM sentence encoder; ~50 s on a loaded 2-core machine
+def test_on_a_real_classifier_with_the_minilm_resources(text):
+    """Tiny BERT victim, MiniLM substitutes and sentence encoder: the invariants still hold."""
+    model = text.model()
+    predict = ws.classifier_predict(model, 12)
+    labels = predict(list(text.SENTENCES)).argmax(1).tolist()  # all correct: every one attacked
+    attack = ws.WordSubstitution(max_changed=2, word_similarity=0.3, sentence_similarity=0.5)
+    report, outcomes = ws.evaluate(attack, predict, list(text.SENTENCES), labels)
+    assert report.clean_accuracy == 100
+    for sentence, label, outcome in zip(text.SENTENCES, labels, outcomes, strict=True):
+        assert outcome.status in ("success", "failure") and outcome.queries > len(sentence.split())
+        if outcome.status == "success":
+            changed = sum(
+                a != b for a, b in zip(sentence.split(), outcome.adversarial.split(), strict=True)
+            )
+            assert changed <= 2
+            assert int(predict([outcome.adversarial])[0].argmax()) != label
