@@ -196,8 +196,11 @@ def _directions(theta: Params, seed: int, n: int) -> list[Params]:
     Drawn on the CPU and moved, so a client on any device and the server agree.
     """
     gen = torch.Generator().manual_seed(seed)
-    draw = lambda v: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)  # noqa: E731
-    return [{k: draw(v) for k, v in theta.items()} for _ in range(n)]
+    out = []
+    for _ in range(n):
+        drawn = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in theta.items()}
+        out.append({k: z.to(theta[k].device) for k, z in drawn.items()})
+    return out
 
 
 def _step(theta: Params, directions: list[Params], projected: Tensor, lr: float) -> Params:
