@@ -273,6 +273,7 @@ def page(table: pd.DataFrame, runs: pd.DataFrame) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         seeds = int(block["seeds"].max())
         lines += ["", f"Mean ± standard error over {seeds} seed(s).", ""]
+        lines += _verdict(block, lower_is_better=part == "planted")
         if part == "planted":
             errs = runs[(runs["part"] == part) & runs["projector_error"].notna()]
             errs = errs.groupby("method")["projector_error"].mean()
@@ -282,6 +283,30 @@ def page(table: pd.DataFrame, runs: pd.DataFrame) -> str:
                 "",
             ]
     return "\n".join(lines)
+
+
+def _verdict(block: pd.DataFrame, lower_is_better: bool) -> list[str]:
+    """Content vs invariant-only and vs all features at each target size, in the page's words."""
+    out = []
+    for method_set in block.groupby("method", sort=False).groups:
+        if ": content" not in method_set and method_set != "content":
+            continue
+        prefix = method_set[: -len("content")]
+        value = block.set_index(["method", "n_target"])["value"]
+        sign = -1 if lower_is_better else 1
+        for other in ("invariant", "all"):
+            if prefix + other not in set(block["method"]):
+                continue
+            gaps = [
+                f"{int(n)}: {sign * (value[(method_set, n)] - value[(prefix + other, n)]):+.3f}"
+                for n in sorted(block["n_target"].unique())
+                if (method_set, n) in value.index and (prefix + other, n) in value.index
+            ]
+            out.append(
+                f"- {method_set} minus {prefix + other} (positive = content better), by n_t: "
+                + ", ".join(gaps)
+            )
+    return [*out, ""] if out else []
 
 
 def main(argv: list[str] | None = None) -> None:
