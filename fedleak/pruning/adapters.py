@@ -15,10 +15,14 @@ the model passed to its first block are captured once and reused: see
 Covered: Hugging Face Llama-like decoders (``model.model.layers``; grouped-query attention:
 ``num_key_value_heads`` key/value heads, each shared by a group of query heads) and BERT-like
 encoders (``bert.encoder.layer``, also inside fedleak's :class:`TextClassifier`).  Anything else
-is one clear error.  ``torch-pruning`` (VainF) is not used for the physical removal: its
-dependency graph traces the HF attention through ``view(..., -1, head_dim)`` and does not keep
-a GQA layer's ``num_key_value_groups`` consistent (Torch-Pruning issue #495), while the removal
-here is a handful of index selects on known layers, tested against the mask mode.
+is one clear error.  ``torch-pruning`` (VainF, 1.6.1) is not used for the physical removal: on
+this project's transformers 5.25 its ``MetaPruner`` with ``num_heads`` / ``prune_num_heads``
+failed on a tiny HF BERT (``IndexError`` in ``ops.OutputPruner.prune_out_channels``: its traced
+graph ties the pruned channels to the model's output, whose width must not change) and did not
+finish building its
+dependency graph for a tiny 2-block GQA Llama within 300 s; its GQA handling is also the known
+sore point (Torch-Pruning issue #495).  The removal here is a handful of index selects on known
+layers, tested against the mask mode.
 """
 
 from __future__ import annotations
