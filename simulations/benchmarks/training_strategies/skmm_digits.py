@@ -9,8 +9,8 @@ The base experiment is ``simulations/skmm_digits.toml`` (digits, 20 label-skewed
 * ``repeated`` (the base): 20 rounds of 10 clients, 5 full-batch SGD steps per round on the
   ``count`` = 8 examples selected that round (a per-round compute budget: over the rounds a
   client re-selects, so it may touch all its data);
-* ``one_shot``: 1 round of all 20 clients, 50 full-batch steps on a coreset of 4, 8 or 16
-  examples (a client only ever uses ``count`` examples: the paper's regime).
+* ``one_shot``: 1 round of all 20 clients, 50 full-batch steps on a coreset of 4, 8, 16 or
+  32 examples (a client only ever uses ``count`` examples: the paper's regime).
 
 Methods: ``all`` (no selection: the ceiling), ``uniform``, ``skmm`` (SkMMv2, linear sampler),
 ``skmm_global`` (repeated only: server-assisted global moments, each client also sends its
@@ -65,7 +65,7 @@ METHODS = ("all", "uniform", "skmm", "skmm_global", "herding", "k_center")
 SCENARIOS = {
     "repeated": {"counts": (8,), "seeds": (0, 1, 2), "skip": (), "changes": {}},
     "one_shot": {
-        "counts": (4, 8, 16),
+        "counts": (4, 8, 16, 32),
         "seeds": (0, 1, 2, 3, 4),
         "skip": ("skmm_global",),
         "changes": {"rounds": 1, "clients_per_round": 20, "training": {"local_steps": 50}},
@@ -133,7 +133,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     )
     key = ["scenario", "count", "seed"]
     uniform = runs[runs["method"] == "uniform"].set_index(key)["accuracy"]
-    gaps = []
+    gaps, errors = [], []
     for r in out.itertuples():
         mine = runs[
             (runs["scenario"] == r.scenario)
@@ -141,9 +141,11 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             & (runs["count"] == r.count)
         ].set_index(key)["accuracy"]
         both = mine.index.intersection(uniform.index)
-        paired = r.method != "all" and len(both)
-        gaps.append(float((mine[both] - uniform[both]).mean()) if paired else float("nan"))
+        diff = mine[both] - uniform[both] if r.method != "all" else mine.iloc[:0]
+        gaps.append(float(diff.mean()) if len(diff) else float("nan"))
+        errors.append(float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else float("nan"))
     out["vs_uniform"] = gaps
+    out["vs_uniform_se"] = errors
     out["scenario"] = pd.Categorical(out["scenario"], list(SCENARIOS))
     out["method"] = pd.Categorical(out["method"], list(METHODS))
     return out.sort_values(["scenario", "count", "method"]).reset_index(drop=True)
@@ -181,7 +183,9 @@ def page(summary: pd.DataFrame, runs: pd.DataFrame, quick: bool) -> str:
     ]
     for r in summary.itertuples():
         count = "whole partition" if r.method == "all" else str(r.count)
-        gap = "" if r.method == "all" else f"{100 * r.vs_uniform:+.2f}"
+        gap = (
+            "" if r.method == "all" else f"{100 * r.vs_uniform:+.2f} ± {100 * r.vs_uniform_se:.2f}"
+        )
         lines.append(
             f"| {r.scenario} | {count} | {r.method} | {r.seeds} | {r.accuracy:.4f} ± "
             f"{r.sd:.3f} | {gap} | {int(r.message_bytes)} | {r.seconds:.0f} |"
@@ -190,12 +194,31 @@ def page(summary: pd.DataFrame, runs: pd.DataFrame, quick: bool) -> str:
         "",
         "± is the standard deviation over seeds (seed = partition, initial model, sampling); "
         "'vs uniform' is the mean over seeds of the paired accuracy difference with uniform "
-        "selection at the same count. 'all' trains on the whole partition (the ceiling). The "
-        "bytes column is what one client sends beside its model in a round (skmm_global: its "
-        "32 x 32 float64 sketched moment, its count and the sketch seed).",
-        "",
+        "selection at the same count, ± its standard error. 'all' trains on the whole "
+        "partition (the ceiling). The bytes column is what one client sends beside its model "
+        "in a round (skmm_global: its 32 x 32 float64 sketched moment, its count and the "
+        "sketch seed).",
     ]
-    return "\n".join(lines)
+    skmm_rows = summary[summary["method"] == "skmm"]
+    if len(skmm_rows):
+        lines += [
+            "",
+            "## Reading",
+            "",
+            "SkMM minus uniform (paired, points): "
+            + "; ".join(
+                f"{r.scenario} n = {r.count}: {100 * r.vs_uniform:+.1f} ± "
+                f"{100 * r.vs_uniform_se:.1f}"
+                for r in skmm_rows.itertuples()
+            )
+            + ". The authors' rule cuts the sketch to max(n - 20, n // 2) columns, so SkMM "
+            "matches moments in 2, 4, 8 and 16 dimensions at n = 4, 8, 16 and 32; only at "
+            "n = 32 is it clearly above uniform, which fits the paper's advice (m slightly above "
+            "the intrinsic dimension, n above m) but was not isolated here (no sweep of m). "
+            "With per-round re-selection (repeated) uniform sampling touches a client's whole "
+            "partition over the rounds, and no selector beats it.",
+        ]
+    return "\n".join([*lines, ""])
 
 
 def main() -> None:
