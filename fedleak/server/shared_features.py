@@ -9,30 +9,36 @@ sources and fine-tuning a head on the target beats both invariant-only features 
 away the approximately shared signal) and all features (whose environmental part a few target
 examples cannot tame).
 
-Federated reading (the "statistics route"): each client is a source domain.  Every round it
-trains as usual (FedAvg) and also sends, computed on the global model's features as received,
-either its feature-label cross-covariance or its least-squares head (``[features, classes]``;
-the trainer ``shared_features`` in :mod:`fedleak.training.shared_features`).  The server
-averages the states, forms the covariance across clients of these matrices, and ranks the
-feature directions by it (its eigenvectors, by increasing variance).  It keeps the
-``content_dims`` lowest-variance directions (``keep = "invariant"``: the ``invariant_dims``
-lowest; ``"all"``: every direction, the baseline) and broadcasts the projector onto them as the
-model's ``projector`` buffer (:mod:`fedleak.models.projected`), which the head reads through.
-A target client then fine-tunes only the head on a few labelled examples
-(:func:`fedleak.training.shared_features.finetune_head`).
+Federated reading (the "statistics route"): each client is a source domain. Every round it trains
+as usual (FedAvg) and also sends, computed on the global model's features as received, either its
+feature-label cross-covariance or its least-squares head (``[features, classes]``; the trainer
+``shared_features`` in :mod:`fedleak.training.shared_features`). With ``whiten`` (the trainer's
+default) it also sends its features' covariance. The server averages the states, whitens the
+statistics with the pooled feature covariance (so each direction is ranked by the correlation of a
+unit-variance feature, not by its scale), leaves out the directions no domain's label correlates
+with (mean squared statistic below ``min_signal``: dead or pure-noise features, which have zero
+variance too but no use), and ranks the rest by the covariance across clients of the statistics
+(its eigenvectors, by increasing variance). It keeps the ``content_dims`` lowest-variance
+directions (``keep = "invariant"``: the ``invariant_dims`` lowest; ``"all"``: every direction, the
+baseline) and broadcasts the projector onto them as the model's ``projector`` buffer
+(:mod:`fedleak.models.projected`), which the head reads through. A target client then fine-tunes
+only the head on a few labelled examples (:func:`fedleak.training.shared_features.finetune_head`).
 
 What leaks: each client's statistics say which feature directions predict which labels in its
 own population (label-conditional feature means, scaled by the label frequencies), which
-enables attribute and label-distribution inference on that client.  The cross-client
+enables attribute and label-distribution inference on that client; the covariance adds its
+features' second moments.  The cross-client
 covariance the server needs is an aggregate; under secure aggregation the server could get it
 from sums of the statistics and of their outer products instead.
 
 Departures from the paper: the paper's procedure is stated for known feature classes; here
-directions are ranked by the eigen-decomposition of the cross-client covariance (so a rotation
-of the features does not matter), and the number of directions kept is an option, not
-estimated.  The covariance is taken in raw feature units, so features of very different scales
-are ranked by their scale too.  ProjectionNet, the paper's practical method, is a training
-objective (:class:`fedleak.training.shared_features.ProjectionNet`), not this strategy.
+directions are ranked by the eigen-decomposition of the cross-client covariance of whitened
+statistics (so an invertible change of feature coordinates does not matter; the projector is
+then oblique in raw coordinates), and the number of directions kept and the signal floor are
+options, not estimated.  Without the covariance messages the ranking is in raw feature units,
+where features of very different scales are ranked by their scale too.  ProjectionNet, the
+paper's practical method, is a training objective
+(:class:`fedleak.training.shared_features.ProjectionNet`), not this strategy.
 """
 
 from __future__ import annotations
