@@ -24,12 +24,11 @@ baseline) and broadcasts the projector onto them as the model's ``projector`` bu
 (:mod:`fedleak.models.projected`), which the head reads through. A target client then fine-tunes
 only the head on a few labelled examples (:func:`fedleak.training.shared_features.finetune_head`).
 
-What leaks: each client's statistics say which feature directions predict which labels in its
-own population (label-conditional feature means, scaled by the label frequencies), which
-enables attribute and label-distribution inference on that client; the covariance adds its
-features' second moments.  The cross-client
-covariance the server needs is an aggregate; under secure aggregation the server could get it
-from sums of the statistics and of their outer products instead.
+What leaks: each client's statistics say which feature directions predict which labels in its own
+population (label-conditional feature means, scaled by the label frequencies), which enables
+attribute and label-distribution inference on that client; the covariance adds its features' second
+moments. The cross-client covariance the server needs is an aggregate; under secure aggregation the
+server could get it from sums of the statistics and of their outer products instead.
 
 Departures from the paper: the paper's procedure is stated for known feature classes; here
 directions are ranked by the eigen-decomposition of the cross-client covariance of whitened
