@@ -311,8 +311,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
         values = [getattr(r, f"test_g{k}") for k in range(K)]
         ax.bar(np.arange(K) + i * width, values, width, label=r.config)
     ax.set_xticks(np.arange(K) + 0.4 - width / 2, [f"group {g}" for g in GROUPS])
-    ax.set(ylim=(0.4, 1.0), ylabel="test accuracy")
-    ax.legend(fontsize=7, ncol=2, loc="lower center")
+    ax.set(ylim=(0.5, 1.0), ylabel="test accuracy")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
