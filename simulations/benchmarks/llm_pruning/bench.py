@@ -280,8 +280,29 @@ def page(cfg: dict) -> str:
             f"{_bench.cell(r['rss_loaded_mb'], 0)} | {_bench.cell(r['peak_rss_mb'], 0)} | "
             f"{r['note'] if isinstance(r['note'], str) else ''} |"
         )
-    lines += ["", f"Provenance: {_bench.provenance(runs)}.", ""]
+    lines += ["", f"Provenance: {_bench.provenance(runs)}.", "", NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = """## Notes
+
+* **Machine.** These rows ran while the 2-core machine carried a load average of 20-30 (other
+  benchmarks), several cells in parallel, each niced with one torch thread: prune and evaluation
+  wall times are inflated several-fold (GOA pruned 3 blocks in 36 s at load 9 in a probe, 24
+  blocks took 1,848 s here).  Compare them only within a row set run together.
+* **llmcompressor** (reference SparseGPT / Wanda).  `pip install --dry-run llmcompressor` in
+  fedleak's `.venv` resolves llmcompressor 0.14.0.1, which pins `transformers<=5.17.0,>=5.15.0`
+  (the `.venv` has 5.25.0) and would downgrade it, plus datasets, compressed-tensors, auto-round
+  and pyarrow.  So it is not a fedleak dependency: its rows run in a side virtual environment
+  (`/tmp/llmc-venv`: llmcompressor 0.14.0.1 and transformers 5.17.0 over the `.venv`'s torch
+  2.13 through a `.pth` file), selected with `$LLMCOMPRESSOR_PYTHON`, on the same cached model
+  folder, the same calibration windows (a `datasets.Dataset` of the token ids), the same blocks
+  (`targets` = a regex over `model.layers.3-26.*_proj`) and `lm_head` ignored.
+* **torch-pruning** 1.6.1 was tried for the physical removal and not used: with
+  `num_heads` / `prune_num_heads` its `MetaPruner` failed on a tiny HF BERT (IndexError in
+  `ops.OutputPruner`) and did not finish on a tiny 2-block GQA Llama within 300 s (see
+  `fedleak/pruning/adapters.py`).
+"""
 
 
 def main() -> None:
@@ -301,8 +322,9 @@ def main() -> None:
         print(f"{cell['cell']}: perplexity {row['perplexity']:.2f}", flush=True)
         return
     if not args.page:
-        done = {r["cell"] for r in _bench.read_rows(RUNS)}
         for cell in cells(cfg):
+            # read again before every cell: parallel workers (--only) append to the same file
+            done = {r["cell"] for r in _bench.read_rows(RUNS)}
             if cell["cell"] in done or (args.only and cell["cell"] not in args.only):
                 continue
             command = [
