@@ -199,6 +199,8 @@ def page(runs: pd.DataFrame, rates: pd.DataFrame) -> str:
         "",
         "## Fitted rates vs theory",
         "",
+        "![terms against M and T](meta_learning.png)",
+        "",
         "| model | fit | measured | theory |",
         "|---|---|---|---|",
     ]
@@ -309,6 +311,33 @@ def page(runs: pd.DataFrame, rates: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(runs: pd.DataFrame, path: Path) -> None:
+    """meta x MT against M and intra x T against T, per model (log x axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    for row, model in enumerate(MODELS):
+        table = wide(runs, "terms", model)
+        if table.empty:
+            continue
+        for t, rows in table.groupby("tokens"):
+            axes[row, 0].plot(
+                rows["clients"], rows["meta"] * rows["clients"] * t, "o-", label=f"T={t}"
+            )
+        for m, rows in table.groupby("clients"):
+            axes[row, 1].plot(rows["tokens"], rows["intra"] * rows["tokens"], "o-", label=f"M={m}")
+        axes[row, 0].set(xscale="log", xlabel="M (clients)", ylabel="meta · MT (nats)", title=model)
+        axes[row, 1].set(xscale="log", xlabel="T (tokens)", ylabel="intra · T (nats)", title=model)
+        for ax in axes[row]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid and draws")
@@ -351,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out / "meta_learning.md",
         text,
     )
+    plot(runs, args.out / "meta_learning.png")
     print(text)
 
 

@@ -246,6 +246,8 @@ def page(table: pd.DataFrame, runs: pd.DataFrame) -> str:
         f"every method). Provenance: {_bench.provenance(runs)}; load average "
         f"{_bench.load_average()} when this page was written.",
         "",
+        "![target error against target examples](shared_features.png)",
+        "",
     ]
     for (part, features), block in table.groupby(["part", "features"], sort=False):
         metric = (
@@ -309,6 +311,31 @@ def _verdict(block: pd.DataFrame, lower_is_better: bool) -> list[str]:
     return [*out, ""] if out else []
 
 
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Target error against target examples, one panel per part and feature map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(table.groupby(["part", "features"], sort=False))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 3.6), squeeze=False)
+    for ax, ((part, features), block) in zip(axes[0], blocks, strict=True):
+        for method, rows in block.groupby("method", sort=False):
+            if len(rows) > 1:
+                ax.errorbar(rows["n_target"], rows["value"], rows["se"].fillna(0), label=method)
+        ax.set(
+            xscale="symlog",
+            xlabel="target examples",
+            ylabel="excess risk" if part == "planted" else "accuracy",
+            title=f"{part}: {features}",
+        )
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed")
@@ -350,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out / "shared_features.md",
         text,
     )
+    plot(table, args.out / "shared_features.png")
     print(text)
 
 
