@@ -155,19 +155,46 @@ def page(summary: pd.DataFrame, runs: pd.DataFrame, quick: bool) -> str:
     for n in covered.index:
         lines.append(f"| {n} | " + " | ".join(f"{covered.loc[n, m]:.1f}" for m in methods) + " |")
     if "skmm_linear" in mean.columns and "uniform" in mean.columns:
-        small = [n for n in mean.index if n <= 80]
-        ratio = [mean.loc[n, "uniform"] / mean.loc[n, "skmm_linear"] for n in small]
-        best = {n: min(methods, key=lambda m, n=n: mean.loc[n, m]) for n in mean.index}
+        best = {n: min(methods, key=lambda m, n=n: median.loc[n, m]) for n in median.index}
+        samplers = [m for m in methods if m.startswith("skmm_") and m != "skmm_relaxation"]
+        others = [m for m in ("uniform", "herding", "skmm_relaxation", "leverage") if m in methods]
+        beats = [
+            n for n in median.index if median.loc[n, samplers].max() < median.loc[n, others].min()
+        ]
+        kcenter = [
+            n
+            for n in median.index
+            if "k_center" in methods and median.loc[n, "k_center"] < median.loc[n, "skmm_linear"]
+        ]
         lines += [
             "",
             "## Reading",
             "",
-            "SkMMv2 (linear sampler) has a mean risk "
+            "Median risk of uniform over SkMMv2 (linear sampler): "
             + ", ".join(
-                f"{r:.3g}x below uniform at n = {n}" for n, r in zip(small, ratio, strict=True)
+                f"{median.loc[n, 'uniform'] / median.loc[n, 'skmm_linear']:.3g}x at n = {n}"
+                for n in median.index
             )
-            + " (the paper's claim: risk below uniform at small budgets, near the full data's). "
-            "Lowest mean risk per n: " + ", ".join(f"n = {n}: {m}" for n, m in best.items()) + ".",
+            + ". SkMMv2 covers all "
+            + f"{CLUSTERS} clusters at every n and seed"
+            + ("" if (covered["skmm_linear"] == CLUSTERS).all() else " except some")
+            + "; uniform misses small clusters (whose whole squared label is then bias) until "
+            "n is in the hundreds. Lowest median risk per n: "
+            + ", ".join(f"n = {n}: {m}" for n, m in best.items())
+            + ". n at which every SkMMv2 sampler's median risk is below those of uniform, "
+            "herding, the relaxation and ridge leverage: "
+            + (", ".join(map(str, beats)) or "none")
+            + "; n at which k-center greedy (which also covers every cluster of this "
+            "well-separated mixture) has a lower median than SkMMv2-linear: "
+            + (", ".join(map(str, kcenter)) or "none")
+            + f". Ridge on the full data (same cross-validation) reaches {full_risk:.2g}; "
+            "SkMMv2-linear's median stays within "
+            + f"{(median['skmm_linear'] / full_risk).max():.3g}x of it at every n (the "
+            "notebook's full-data ridge risk was 0.285 at N = 4,000"
+            "). The continuous relaxation (ratio 0.5, 500 steps, "
+            "sampled rounding) is far behind: with ratio <= 1 uniform weights already match "
+            "every moment, so its sampled coresets "
+            "miss small clusters like uniform sampling does.",
         ]
     lines += ["", "![risk vs coreset size](skmm_gmm.png)", ""]
     return "\n".join(lines)
