@@ -182,6 +182,35 @@ def page(summary: pd.DataFrame, runs: pd.DataFrame, args) -> str:
             f"{r.psnr:.2f} | {_bench.cell(r.psnr_sd, 2)} | {r.ssim:.3f} | {r.label_acc:.2f} | "
             f"{r.grad_cos:.3f} | {r.bytes_sent:,.0f} |"
         )
+    order = [label for label, _ in CELLS if label in set(runs["cell"])]
+    per_client = runs[runs["attack"] == "dlg"].pivot(index="cell", columns="client", values="psnr")
+    per_client = per_client.reindex(order)
+    clients = list(per_client.columns)
+    lines += [
+        "",
+        "## DLG PSNR (dB) per client",
+        "",
+        "| cell | " + " | ".join(f"client {c}" for c in clients) + " |",
+        "|---|" + "---|" * len(clients),
+    ]
+    for cell, values in per_client.iterrows():
+        lines.append(f"| {cell} | " + " | ".join(_bench.cell(v, 1) for v in values) + " |")
+    lines += [
+        "",
+        "## Reading",
+        "",
+        "The server's estimate has cosine about sqrt(n / (n + d)) with the true gradient "
+        "(0.74 at n = 10,000, 0.93 at n = 50,000, d = 8,026), and DLG's reconstructions follow "
+        "it: at the failure floor (4-6 dB) up to n = 1,000 scalars per step, 10-16 dB on the "
+        "clients DLG can attack at n = 10,000, 18-21 dB at n = 50,000, against 93-99 dB from "
+        "the exact gradient (the third client defeats DLG even then: 5.9 dB). So the leakage "
+        "is set by the number of scalars per step relative to d: the few scalars of a "
+        "practical MeZO client (1-10 per step) leave DLG at its floor, but DLG recovers the "
+        "single example's label from 10 scalars on. Gaussian noise on the scalars changes "
+        "nothing up to std 1 (the scalars are ~|grad| = 4.4 in size) and brings DLG back to "
+        "its floor at std 10 (estimate cosine 0.41). Inverting gradients at 300 steps fails "
+        "even on the exact gradient here (8.8 dB): its column measures the budget, not ZO.",
+    ]
     return "\n".join(lines) + "\n"
 
 
