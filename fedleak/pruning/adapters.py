@@ -18,11 +18,10 @@ encoders (``bert.encoder.layer``, also inside fedleak's :class:`TextClassifier`)
 is one clear error.  ``torch-pruning`` (VainF, 1.6.1) is not used for the physical removal: on
 this project's transformers 5.25 its ``MetaPruner`` with ``num_heads`` / ``prune_num_heads``
 failed on a tiny HF BERT (``IndexError`` in ``ops.OutputPruner.prune_out_channels``: its traced
-graph ties the pruned channels to the model's output, whose width must not change) and did not
-finish building its
-dependency graph for a tiny 2-block GQA Llama within 300 s; its GQA handling is also the known
-sore point (Torch-Pruning issue #495).  The removal here is a handful of index selects on known
-layers, tested against the mask mode.
+graph ties the pruned channels to the model's output, whose width must not change), and on a
+tiny 2-block GQA Llama it had not returned (graph building and one step) after 900 s; its GQA
+handling is also the known sore point (Torch-Pruning issue #495).  The removal here is a
+handful of index selects on known layers, tested against the mask mode.
 """
 
 from __future__ import annotations

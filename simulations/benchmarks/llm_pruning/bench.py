@@ -300,7 +300,7 @@ NOTES = """## Notes
   (`targets` = a regex over `model.layers.3-26.*_proj`) and `lm_head` ignored.
 * **torch-pruning** 1.6.1 was tried for the physical removal and not used: with
   `num_heads` / `prune_num_heads` its `MetaPruner` failed on a tiny HF BERT (IndexError in
-  `ops.OutputPruner`) and did not finish on a tiny 2-block GQA Llama within 300 s (see
+  `ops.OutputPruner`) and had not returned on a tiny 2-block GQA Llama after 900 s (see
   `fedleak/pruning/adapters.py`).
 """
 
