@@ -118,24 +118,25 @@ def finetune_head(
 ) -> tuple[Tensor, Tensor]:
     """A target client's head: logistic regression on few examples, shrunk toward a prior head.
 
-    Minimises ``CE(features W^T + b) + ridge / 2 ||W - weight||^2`` by L-BFGS from the prior
-    (``weight [classes, features]``, ``bias [classes]``), with full batches, so it is
-    deterministic.  With no examples the prior comes back unchanged.
+    Minimises ``CE(features W^T + b) + ridge / 2 (||W - weight||^2 + ||b - bias||^2)`` by
+    L-BFGS from the prior (``weight [classes, features]``, ``bias [classes]``), with full
+    batches, so it is deterministic.  The bias is shrunk too: free, it would follow the label
+    mix of a handful of examples.  With no examples the prior comes back unchanged.
     """
     if not ridge > 0:
         raise ValueError(f"finetune_head: ridge must be > 0, got {ridge}")
     if len(labels) == 0:
         return weight.detach().clone(), bias.detach().clone()
-    w0 = weight.detach()
+    w0, b0 = weight.detach(), bias.detach()
     w = w0.clone().requires_grad_(True)
-    b = bias.detach().clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
     x = features.detach()
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
         loss = functional.cross_entropy(x @ w.T + b, labels)
-        loss = loss + ridge / 2 * (w - w0).pow(2).sum()
+        loss = loss + ridge / 2 * ((w - w0).pow(2).sum() + (b - b0).pow(2).sum())
         loss.backward()
         return loss
 
