@@ -118,9 +118,12 @@ def write_page(out: Path) -> str:
             "encoder weight first (server: sparse_fedavg).  The server widens the pooler "
             "(2,048 units) and attacks one client's round-1 update (LAMP and the pooler attack, "
             "50 steps each, n-gram prior from WikiText-2).  `global_accuracy`: the global model "
-            "after the round on the 436 dev sentences (the widened pooler costs accuracy in every "
-            "variant); `sent_accuracy` / `sent_sparsity`: of the state the observed client sent; "
-            "ROUGE in LAMP's convention and token accuracy, in %.\n\n"
+            "after the round on the 436 dev sentences; `sent_accuracy` / `sent_sparsity`: of the "
+            "state the observed client sent; ROUGE in LAMP's convention and token accuracy, in "
+            "%.  Caveat: the malicious server's widened pooler (random SELU rows feeding the "
+            "classifier) makes the model predict the majority class, 52.3 % of the dev set, in "
+            "every variant, so these utility columns do not separate the variants; the utility "
+            "cost of pruning the honest model is what (a) measures.\n\n"
         )
         parts.append(
             _table(

@@ -247,7 +247,7 @@ def randomized_part(args) -> None:
         ),
     }
     for method, (make, quick, full) in methods.items():
-        if method in done:
+        if method in done or method not in args.methods:
             continue
         rng = seeding.rng(0, "robust_pruning", "masks")
         model = copy.deepcopy(teacher)
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", type=int, default=20)
     parser.add_argument("--full", type=int, default=60)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--methods", nargs="+", default=["randomized", "deterministic"], help="part (b)'s methods"
+    )
     return parser
 
 
