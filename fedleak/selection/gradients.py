@@ -157,11 +157,18 @@ class GradientOptions(Budget):
             )
 
     def check(self, setting: Setting) -> None:
-        """Refuse more fine-tuned layers than the model has."""
+        """Refuse more fine-tuned layers than the model has, or a sketch wider than them."""
+        name = getattr(self, "name", "selection")
         try:
-            finetuned(setting.model, self.layers)
+            names = set(finetuned(setting.model, self.layers))
         except ValueError as err:
-            raise ValueError(f"{getattr(self, 'name', 'selection')}: {err}") from None
+            raise ValueError(f"{name}: {err}") from None
+        width = sum(p.numel() for k, p in setting.model.named_parameters() if k in names)
+        if self.sketch_dim > width:
+            raise ValueError(
+                f"{name}: sketch_dim = {self.sketch_dim} is wider than the {width} gradient "
+                f"entries of the last {self.layers} layer(s); use at most {width}"
+            )
 
     def features(
         self,

@@ -169,6 +169,10 @@ def test_bad_options_are_one_clear_error(options, message):
         ({"selection": {"name": "skmm", "layers": 5}}, r"layers = 5: the model has 2 layers"),
         ({"selection": {"name": "herding", "layers": 3}}, r"layers = 3: the model has 2 layers"),
         (
+            {"selection": {"name": "skmm", "sketch_dim": 10**6}},
+            r"sketch_dim = 1000000 is wider than the 68 gradient entries of the last 1 layer",
+        ),
+        (
             {"selection": {"name": "skmm", "moments": "global"}},
             r"\[selection\] skmm: .*set \[server\] name = 'skmm_global'",
         ),
