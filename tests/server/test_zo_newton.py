@@ -112,3 +112,24 @@ def test_zo_query_needs_the_servers_points():
     model = exp.build_model()
     with pytest.raises(ValueError, match="no points to evaluate"):
         exp.trainer.fit(model, exp.client_data(0), exp.loss_fn, torch.Generator(), instructions={})
+
+
+def test_a_federated_run_records_the_points_and_the_losses(tmp_path, tiny):
+    from fedleak import pipeline
+
+    spec = tiny(
+        training={"name": "zo_query", "parameters": ["3.bias"]},
+        server={"name": "zo_newton", "parameters": ["3.bias"], "budget": 1000},
+        attacks=[{"name": "zo_labels"}],
+    )
+    exp = config.load(spec)
+    store = pipeline.run(exp, tmp_path / "run")
+    assert store.meta()["status"] == "done"
+    views = list(store.views(exp))
+    assert len(views) == 4
+    for view in views:
+        points = view.instructions["points"]
+        assert points.shape[1] == 4 and view.messages["losses"].shape == (len(points),)
+        assert all(torch.equal(view.received[k], view.sent[k]) for k in view.sent)
+    rows = store.rows("results.csv")
+    assert len(rows) == 4 and all(0 <= float(r["label_acc"]) <= 1 for r in rows)

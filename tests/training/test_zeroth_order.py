@@ -205,3 +205,23 @@ def test_mezo_refuses_gradient_defenses():
                 "defenses": [{"name": "dpsgd"}],
             }
         ).check()
+
+
+def test_a_federated_run_records_the_seeds_and_the_replayed_state(tmp_path, tiny):
+    from fedleak import config, pipeline
+
+    training = {"name": "mezo", "lr": 0.05, "local_steps": 2, "batch_size": 2, "directions": 3}
+    exp = config.load(tiny(training=training))
+    store = pipeline.run(exp, tmp_path / "run")
+    assert store.meta()["status"] == "done"
+    views = list(store.views(exp))
+    assert len(views) == 4  # 2 rounds x 2 clients
+    for view in views:
+        assert set(view.messages) == {"seeds", "projected"}
+        assert view.messages["projected"].shape == (2, 3)
+        assert "seed" in view.instructions
+        # what the attacks read is the state the seeds rebuild
+        rebuilt = exp.trainer.replay(view.sent, view.messages, exp.build_model)
+        assert all(torch.equal(rebuilt[k], view.received[k]) for k in rebuilt)
+        assert any(bool(d.abs().sum() > 0) for d in view.delta().values())
+    assert len(store.rows("results.csv")) == 4  # DLG ran on every replayed view
