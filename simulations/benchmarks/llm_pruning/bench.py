@@ -327,11 +327,12 @@ def main() -> None:
             done = {r["cell"] for r in _bench.read_rows(RUNS)}
             if cell["cell"] in done or (args.only and cell["cell"] not in args.only):
                 continue
+            python = REFERENCE_PYTHON if cell["kind"] == "reference" else sys.executable
             command = [
                 "nice",
                 "-n",
                 "5",
-                sys.executable,
+                python,
                 __file__,
                 "--config",
                 str(args.config),
