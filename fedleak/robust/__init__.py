@@ -13,5 +13,5 @@ trainer (:mod:`fedleak.training.cpt`, groups inside a client) and the server str
 What leaks: CPT needs, per step, each group's loss and the Gram matrix of the group gradients.
 Whoever solves the program holds both; when groups are clients that is the server, and a
 client's gradient of a linear head reveals its label mix (see the benchmark
-``simulations/benchmarks/server_strategies/cpt.py``).
+``simulations/benchmarks/server_strategies/cpt_clients.py``).
 """
