@@ -121,3 +121,42 @@ def test_bad_model_options():
         MODELS["contrastive_mlp"](projector=(32,))
     with pytest.raises(ValueError, match="hidden needs"):
         MODELS["contrastive_mlp"](hidden=())
+
+
+def test_a_federated_ncl_run_keeps_the_global_features_non_negative(tmp_path, tiny):
+    from fedleak import config, pipeline
+
+    exp = config.load(
+        tiny(
+            model={
+                "name": "contrastive_mlp",
+                "hidden": [16],
+                "projector": [16, 8],
+                "nonnegative": True,
+            },
+            training={"name": "contrastive", "lr": 3e-3, "batch_size": 8, "activity": 0.1},
+            attacks=[],
+        )
+    )
+    store = pipeline.run(exp, tmp_path / "run")
+    assert store.meta()["status"] == "done"
+    views = list(store.views(exp))
+    assert len(views) == 4  # 2 rounds x 2 clients
+    test = exp.dataset().test
+    for view in views:
+        assert view.messages == {}  # the trainer declares nothing beside the state
+        assert any(bool(d.abs().sum() > 0) for d in view.delta().values())
+        with torch.no_grad():
+            assert view.model().embed(test.inputs).min() >= 0
+
+
+def test_activity_on_a_signed_model_is_one_config_error(tiny):
+    from fedleak import config
+    from fedleak.registry import ConfigError
+
+    spec = tiny(
+        model={"name": "contrastive_mlp", "hidden": [16], "projector": [16, 8]},
+        training={"name": "contrastive", "activity": 0.1},
+    )
+    with pytest.raises(ConfigError, match="nonnegative = true or activity = 0"):
+        config.load(spec).check()
