@@ -21,7 +21,8 @@ the same clean accuracy.  Setting (CPU scale; the paper: ResNet-18 on CIFAR-100 
   supervised round after contrastive pretraining), 20 batches per seed: label recovery
   (iDLG row sums, Yin et al.'s row minima, the bias-corrected rule; order-free accuracy), the
   analytic feature recovery the feature-reconstruction attack starts from (cosine between the
-  classifier-gradient row of a label present once and that example's true feature), and the
+  classifier-gradient row of a label present once and that example's true feature; rows left
+  exactly zero by a saturated float32 softmax are counted apart as "silent"), and the
   feature-reconstruction attack itself (no prior, analytic features, 300 steps) on 3 batches
   of 4 (PSNR after matching).
 
@@ -161,7 +162,7 @@ def measure(method: str, seed: int, epochs: int, cache: Path, done: set, emit) -
                 (feats(noisy[0]).numpy(), train_y), (feats(noisy[1]).numpy(), test_y), c=c
             )
             row("input_noise", f"{sigma:g}", f"{c:g}", [acc], start)
-    if method != "cl_sae" and ("privacy", "label_idlg") not in done:
+    if method != "cl_sae" and ("privacy", "feature_silent") not in done:
         privacy(model, data, seed, row)
 
 
@@ -170,7 +171,7 @@ def privacy(model: nn.Module, data, seed: int, row) -> None:
     start = time.perf_counter()
     g = seeding.rng(seed)
     labels: dict[str, list[float]] = {s: [] for s in ("idlg", "yin", "bias_corrected")}
-    cosines = []
+    cosines, silent = [], []
     for _ in range(20):
         idx = torch.randperm(len(data.test), generator=g)[:8]
         batch = Batch(data.test.inputs[idx], data.test.labels[idx])
@@ -184,11 +185,16 @@ def privacy(model: nn.Module, data, seed: int, row) -> None:
         for c in batch.labels.unique():
             where = (batch.labels == c).nonzero().flatten()
             if len(where) == 1:  # the row of a label present once is mostly that example's z
-                recovered = grad["head.weight"][c] / grad["head.bias"][c]
-                cosines.append(float(nn.functional.cosine_similarity(recovered, z[where[0]], 0)))
+                # a saturated softmax (p = 1 in float32) leaves the row exactly zero: no signal
+                silent.append(float(grad["head.bias"][c] == 0))
+                if not silent[-1]:
+                    recovered = grad["head.weight"][c] / grad["head.bias"][c]
+                    cosine = nn.functional.cosine_similarity(recovered, z[where[0]], 0)
+                    cosines.append(float(cosine))
     for strategy, scores in labels.items():
         row("privacy", f"label_{strategy}", "", scores, start)
     row("privacy", "feature_cosine", "", cosines, start)
+    row("privacy", "feature_silent", "", silent, start)
     attack = ATTACKS["feature_reconstruction"](
         prior="none", features="analytic", steps=300, labels="bias_corrected"
     )
@@ -297,7 +303,8 @@ def page(runs: pd.DataFrame, epochs: int, quick: bool) -> str:
         "label_idlg": "label accuracy, iDLG row sums",
         "label_yin": "label accuracy, Yin et al. row minima",
         "label_bias_corrected": "label accuracy, bias-corrected",
-        "feature_cosine": "analytic feature recovery, cosine to the true z",
+        "feature_cosine": "analytic feature recovery, cosine to the true z (rows with signal)",
+        "feature_silent": "share of single-label classifier rows exactly zero (saturated)",
         "feature_attack_psnr": "feature-reconstruction attack PSNR (dB, batches of 4)",
     }
     for key, name in names.items():
@@ -312,6 +319,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp()) if args.quick else OUT
@@ -323,7 +331,7 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     measured = _bench.commit()
     for seed in seeds:
-        for method in METHODS:
+        for method in args.methods:
             runs = _bench.read_runs(runs_path, FIELDS)
             mine = runs[(runs["seed"] == seed) & (runs["method"] == method)]
             done = {(m, _key(s)) for m, s in zip(mine["measure"], mine["setting"], strict=True)}
