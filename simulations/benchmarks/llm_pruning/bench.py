@@ -244,8 +244,8 @@ def reference_verdict(runs) -> list[str]:
         ta, tb = float(ours["prune_seconds"].iloc[0]), float(ref["prune_seconds"].iloc[0])
         out.append(
             f"* {label} 50 %: ours {a:.2f}, llmcompressor {b:.2f} ({a / b - 1:+.1%}); prune "
-            f"time ours {ta:.0f} s, llmcompressor {tb:.0f} s ({ta / tb:.2f}x; both under the "
-            "same shared load, not run side by side)."
+            f"time ours {ta:.0f} s, llmcompressor {tb:.0f} s ({ta / tb:.2f}x; both under a "
+            "shared load of 20-30, partly at the same time)."
         )
     return ["## Against the reference implementation", "", *out, ""] if out else []
 
@@ -319,6 +319,9 @@ def page(cfg: dict) -> str:
             f"{_bench.cell(r['rss_loaded_mb'], 0)} | {_bench.cell(r['peak_rss_mb'], 0)} | "
             f"{r['note'] if isinstance(r['note'], str) else ''} |"
         )
+    missing = [c["cell"] for c in cells(cfg) if c["cell"] not in set(runs["cell"])]
+    if missing:
+        lines += ["", f"Not run yet (rerun the script to add them): {', '.join(missing)}."]
     lines += ["", f"Provenance: {_bench.provenance(runs)}.", "", NOTES]
     return "\n".join(lines) + "\n"
 
