@@ -244,8 +244,8 @@ def reference_verdict(runs) -> list[str]:
         ta, tb = float(ours["prune_seconds"].iloc[0]), float(ref["prune_seconds"].iloc[0])
         out.append(
             f"* {label} 50 %: ours {a:.2f}, llmcompressor {b:.2f} ({a / b - 1:+.1%}); prune "
-            f"time ours {ta:.0f} s, llmcompressor {tb:.0f} s ({ta / tb:.2f}x; both under a "
-            "shared load of 20-30, partly at the same time)."
+            f"time ours {ta:.0f} s, llmcompressor {tb:.0f} s ({ta / tb:.2f}x; measured at "
+            "different loads of a shared machine, 20-30 for ours: not a clean speed test)."
         )
     return ["## Against the reference implementation", "", *out, ""] if out else []
 
