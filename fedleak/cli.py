@@ -257,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     ben.add_argument("--drops", **drops)
     ben.set_defaults(func=cmd_bench)
     pru = sub.add_parser("prune", help="prune a causal LM standalone and print its perplexity")
-    pru.add_argument("config", help="pruning TOML, e.g. simulations/smollm2_prune.toml")
+    pru.add_argument("config", help="pruning TOML, e.g. simulations/pruning/smollm2.toml")
     pru.set_defaults(func=cmd_prune)
     rep = sub.add_parser("report", help="tables and plot from a sweep directory's results.csv")
     rep.add_argument("dir", type=Path)

@@ -40,7 +40,7 @@ def load(path: str | Path) -> dict[str, Any]:
     """The file's settings over the defaults, checked before any model is loaded."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist (e.g. simulations/smollm2_prune.toml)")
+        raise FileNotFoundError(f"{file} does not exist (e.g. simulations/pruning/smollm2.toml)")
     with open(file, "rb") as f:
         cfg = {**DEFAULTS, **tomllib.load(f)}
     unknown = sorted(set(cfg) - set(DEFAULTS) - {"pruner", "name", "description"})
