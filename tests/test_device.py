@@ -110,6 +110,27 @@ EXEMPT = {
         "fedleak/attacks/rgap.py",
         "torch.randn(stage.out_shape, generator=rng, dtype=torch.float64)",
     ): "drawn on the CPU generator and moved, with the work dtype, on the next line",
+    (
+        "fedleak/training/cpt.py",
+        "torch.as_tensor(mix, dtype=torch.float32)",
+    ): "the group weights a client sends: a wire value, CPU like every message",
+    (
+        "fedleak/training/zeroth_order.py",
+        "torch.tensor(seeds, dtype=torch.int64)",
+    ): "the step seeds a client sends: a wire value, CPU like every message",
+    (
+        "fedleak/training/sufficient_statistics.py",
+        "torch.randn(inputs, dim, generator=gen, dtype=torch.float64)",
+    ): "the public projection every node derives alike on the CPU; statistics() moves it",
+    **{
+        ("fedleak/metrics/monosemantic.py", call): "the SAE's parameters are built on the CPU like "
+        "any nn.Module's; train_sae moves the module to the features' device"
+        for call in (
+            "torch.zeros(dim)",
+            "torch.zeros(latents)",
+            "torch.randn(dim, latents, generator=generator)",
+        )
+    },
 }
 NUMBERS = {"int", "float", "bool"}  # builtins that turn a tensor into a Python number
 READS = {"tolist", "item"}  # methods that do

@@ -63,7 +63,9 @@ class ZOLabels:
                 "dimensions; observe a round in which the server asks more"
             )
         centred = points - points.mean(0)
-        design = torch.cat([torch.ones(len(points), 1, dtype=points.dtype), centred], 1)
+        design = torch.cat(
+            [torch.ones(len(points), 1, dtype=points.dtype, device=points.device), centred], 1
+        )
         fit = torch.linalg.lstsq(design, losses[:, None]).solution[:, 0]
         residual = (design @ fit - losses).norm() / losses.norm().clamp(min=1e-30)
         gradient = fit[1:]

@@ -90,8 +90,8 @@ def train_sae(
         sae.pre_bias.copy_(features.mean(0))
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     for _ in range(steps):
-        idx = torch.randint(len(features), (min(batch_size, len(features)),), generator=generator)
-        x = features[idx.to(features.device)]
+        size = (min(batch_size, len(features)),)
+        x = features[torch.randint(len(features), size, generator=generator).to(features.device)]
         loss = ((sae(x) - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-12)).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -98,7 +98,9 @@ class PruneModel:
                 if hasattr(model, "get_input_embeddings")
                 else model.vocab_size
             )
-            calibration = torch.randint(vocab, (self.samples, self.length), generator=rng)
+            calibration = torch.randint(vocab, (self.samples, self.length), generator=rng).to(
+                next(model.parameters()).device
+            )
         self._pruner.prune(model, calibration, rng)
         state = model.state_dict()
         return {k: state[k].detach().clone() for k in params}, {}

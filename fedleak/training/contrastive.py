@@ -177,7 +177,9 @@ def nt_xent(z: Tensor, temperature: float) -> Tensor:
     similarity = similarity.masked_fill(
         torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf")
     )
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    positives = torch.cat(
+        [torch.arange(n, 2 * n, device=z.device), torch.arange(n, device=z.device)]
+    )
     return functional.cross_entropy(similarity, positives)
 
 
@@ -201,13 +203,13 @@ def augment(
     device = images.device
 
     def uniform(low: float, high: float, *shape: int) -> Tensor:
-        return (low + (high - low) * torch.rand(n, *shape, generator=rng)).to(device)
+        return low + (high - low) * torch.rand(n, *shape, generator=rng).to(device)
 
     scale = uniform(min_scale, 1.0)
     reach = (1 - scale) + shift  # how far the crop's centre may move (grid units)
     offset = (2 * torch.rand(n, 2, generator=rng).to(device) - 1) * reach[:, None]
     mirror = (
-        torch.where(torch.rand(n, generator=rng) < 0.5, -1.0, 1.0).to(device)
+        torch.where(torch.rand(n, generator=rng).to(device) < 0.5, -1.0, 1.0)
         if flip
         else torch.ones(n, device=device)
     )

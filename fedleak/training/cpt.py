@@ -190,10 +190,10 @@ class CPT:
         per_epoch = math.ceil(n / size)
         order = torch.cat(
             [
-                torch.randperm(n, generator=rng)
+                torch.randperm(n, generator=rng).to(labels.device)
                 for _ in range(math.ceil(self.local_steps / per_epoch))
             ]
-        ).to(labels.device)
+        )
         q = np.full(k, 1.0 / k)  # GroupDRO's weights
         mix, losses_seen, first, used = np.zeros(k), [], None, []
         model.train()
@@ -207,7 +207,7 @@ class CPT:
                 losses, counts = group_losses(per_example, groups[idx], k)
                 weights, grads = self._weights(losses, counts, block, c, q)
                 q = weights if self.method == "groupdro" else q
-                direction = torch.as_tensor(weights, dtype=grads.dtype) @ grads
+                direction = torch.as_tensor(weights, dtype=grads.dtype, device=grads.device) @ grads
                 offset = 0
                 for p in block:
                     p.grad = direction[offset : offset + p.numel()].view_as(p).clone()
@@ -244,7 +244,7 @@ class CPT:
             return baselines.erm(n), grads
         if self.method == "reweight":
             return baselines.reweighted(n, 1.0), grads
-        values = losses.detach().cpu().double().numpy()
+        values = losses.detach().double().cpu().numpy()
         if self.method == "groupdro":
             return baselines.group_dro(q, values, n, self.dro_step), grads
         on = present.cpu().numpy()

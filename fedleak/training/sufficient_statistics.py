@@ -52,7 +52,12 @@ def statistics(
     """The sufficient statistics of ``data`` under the conjugate ``model``."""
     if model == "bernoulli":
         ones = (data.labels == positive_class).sum().to(torch.float64)
-        return {"count": ones, "tokens": torch.tensor(float(len(data)), dtype=torch.float64)}
+        return {
+            "count": ones,
+            "tokens": torch.tensor(
+                float(len(data)), dtype=torch.float64, device=data.labels.device
+            ),
+        }
     flat = data.inputs.reshape(len(data), -1).to(torch.float64)
     u = flat @ projection(dim, flat.shape[1], projection_seed).to(flat.device)
     gram = len(data) * torch.eye(dim, dtype=torch.float64, device=flat.device)

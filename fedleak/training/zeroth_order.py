@@ -158,8 +158,10 @@ class MeZO:
                 if self.clip > 0:
                     projected = projected.clamp(-self.clip, self.clip)
                 if self.noise_std > 0:
-                    noise = torch.randn(projected.shape, generator=rng, dtype=projected.dtype)
-                    projected = projected + self.noise_std * noise.to(projected.device)
+                    noise = torch.randn(projected.shape, generator=rng, dtype=projected.dtype).to(
+                        projected.device
+                    )
+                    projected = projected + self.noise_std * noise
                 theta = _step(theta, directions, projected, self.lr)
                 seeds.append(seed)
                 rows.append(projected)
@@ -198,8 +200,12 @@ def _directions(theta: Params, seed: int, n: int) -> list[Params]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        drawn = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in theta.items()}
-        out.append({k: z.to(theta[k].device) for k, z in drawn.items()})
+        out.append(
+            {
+                k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
+                for k, v in theta.items()
+            }
+        )
     return out
 
 
@@ -285,16 +291,16 @@ class ZOQuery:
                     start += size
                 batch = data
                 if self.batch_size:
-                    idx = torch.randperm(len(data), generator=rng)[: self.batch_size]
-                    idx = idx.to(data.labels.device)
+                    idx = torch.randperm(len(data), generator=rng).to(data.labels.device)
+                    idx = idx[: self.batch_size]
                     batch = Batch(data.inputs[idx], data.labels[idx])
                 out = functional_call(model, params, (batch.inputs,))
                 losses.append(loss_fn(out, batch.labels))
             here = float(loss_fn(model(data.inputs), data.labels))  # at the received model
         sent = torch.stack(losses) if losses else torch.zeros(0, device=data.labels.device)
         if self.noise_std > 0:
-            noise = torch.randn(sent.shape, generator=rng, dtype=sent.dtype)
-            sent = sent + self.noise_std * noise.to(sent.device)
+            noise = torch.randn(sent.shape, generator=rng, dtype=sent.dtype).to(sent.device)
+            sent = sent + self.noise_std * noise
         return TrainResult(
             loss=here,
             steps=len(points),
