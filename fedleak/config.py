@@ -585,6 +585,12 @@ def _check_channels(tables: Mapping[str, Any], defenses: Sequence[Any]) -> None:
             f"[selection] {selection.name!r} and [training] {trainer.name!r} both send "
             f"{sorted(overlap)[0]!r}; the server could not tell them apart."
         )
+    wrapping = [d.name for d in defenses if stage(d) == "training"]
+    if (instead := getattr(trainer, "defend_with", None)) and wrapping:
+        raise ConfigError(
+            f"[defenses] {wrapping[0]!r} wraps SGD steps on the task loss, which [training] "
+            f"{trainer.name!r} does not take; protect it with {instead}."
+        )
     blocked = [d.name for d in defenses if stage(d) in ("update", "aggregation")]
     if not getattr(trainer, "sends_model", True) and blocked:
         raise ConfigError(

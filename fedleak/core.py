@@ -344,6 +344,9 @@ class Trainer(Protocol):
     reveals; default nothing) and, for a trainer whose client sends messages *instead of* its
     state (zeroth-order seeds and scalars), ``sends_model = False`` with a method
     ``replay(sent, messages, build_model) -> Params`` by which the server rebuilds the state.
+    A trainer that takes no SGD step on the task loss, which training defenses wrap, names
+    what protects it instead in ``defend_with`` (``ClassVar[str]``); the config then refuses
+    training defenses with it.
     """
 
     lr: float

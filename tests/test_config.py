@@ -10,6 +10,7 @@ from fedleak import config
 from fedleak.cli import main
 from fedleak.models import MODELS
 from fedleak.registry import ConfigError
+from fedleak.training import TRAINERS
 
 SIMULATIONS = Path(__file__).resolve().parents[1] / "simulations"
 FILES = sorted(SIMULATIONS.glob("*.toml"))  # experiments; benchmarks/ hold their own formats
@@ -152,3 +153,17 @@ def test_cli_prints_one_message_and_no_traceback(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+REQUIRED = {"zo_query": {"parameters": ["head"]}}  # options without a default
+
+
+@pytest.mark.parametrize(
+    "trainer", [n for n in TRAINERS.names() if getattr(TRAINERS[n], "defend_with", None)]
+)
+@pytest.mark.parametrize("defense", ["dpsgd", "dropout", "per_example_clip"])
+def test_trainers_without_sgd_steps_refuse_training_defenses_at_load(tiny, trainer, defense):
+    spec = tiny(training={"name": trainer, **REQUIRED.get(trainer, {})})
+    spec["defenses"] = [{"name": defense}]
+    with pytest.raises(ConfigError, match=f"{defense}.*protect it with"):
+        config.load(spec)

@@ -103,10 +103,9 @@ class Uniform(Budget):
         return Selection(uniform(len(data), self.size(len(data)), rng))
 
 
-@SELECTORS.register("herding")
 @dataclass
-class Herding(GradientOptions):
-    """Herding on the examples' random-target gradients: the selected mean tracks the full one."""
+class Coreset(GradientOptions):
+    """A baseline that picks its examples from their random-target gradients alone."""
 
     sends: ClassVar[dict[str, str]] = {}
 
@@ -118,53 +117,47 @@ class Herding(GradientOptions):
         rng: torch.Generator,
         instructions: Messages,
     ) -> Selection:
-        """The herding order's first ``size`` examples."""
+        """``size`` examples, as :meth:`choose` picks them from the gradients."""
         x = self.features(model, data, loss_fn, rng, instructions)
-        return Selection(herding(x, self.size(len(data))))
+        return Selection(self.choose(x, self.size(len(data)), rng))
+
+    def choose(self, x: Tensor, n: int, rng: torch.Generator) -> Tensor:
+        """The indices of ``n`` rows of ``x``."""
+        raise NotImplementedError
+
+
+@SELECTORS.register("herding")
+@dataclass
+class Herding(Coreset):
+    """Herding on the examples' random-target gradients: the selected mean tracks the full one."""
+
+    def choose(self, x: Tensor, n: int, rng: torch.Generator) -> Tensor:
+        """The herding order's first ``n`` rows."""
+        return herding(x, n)
 
 
 @SELECTORS.register("k_center")
 @dataclass
-class KCenter(GradientOptions):
+class KCenter(Coreset):
     """Greedy k-center on the examples' random-target gradients (a covering coreset)."""
 
-    sends: ClassVar[dict[str, str]] = {}
-
-    def select(
-        self,
-        model: nn.Module,
-        data: Batch,
-        loss_fn: LossFn,
-        rng: torch.Generator,
-        instructions: Messages,
-    ) -> Selection:
-        """``size`` centres, farthest first."""
-        x = self.features(model, data, loss_fn, rng, instructions)
-        return Selection(k_center(x, self.size(len(data)), rng))
+    def choose(self, x: Tensor, n: int, rng: torch.Generator) -> Tensor:
+        """``n`` centres, farthest first."""
+        return k_center(x, n, rng)
 
 
 @SELECTORS.register("leverage")
 @dataclass
-class Leverage(GradientOptions):
+class Leverage(Coreset):
     """Ridge leverage-score sampling on the examples' random-target gradients."""
 
     ridge: float = 1.0  # alpha relative to the mean squared gradient norm
-
-    sends: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ridge < 0:
             raise ValueError(f"leverage: ridge must be >= 0, got {self.ridge}")
 
-    def select(
-        self,
-        model: nn.Module,
-        data: Batch,
-        loss_fn: LossFn,
-        rng: torch.Generator,
-        instructions: Messages,
-    ) -> Selection:
-        """``size`` examples sampled by their ridge leverage."""
-        x = self.features(model, data, loss_fn, rng, instructions)
-        return Selection(leverage(x, self.size(len(data)), rng, self.ridge))
+    def choose(self, x: Tensor, n: int, rng: torch.Generator) -> Tensor:
+        """``n`` rows sampled by their ridge leverage."""
+        return leverage(x, n, rng, self.ridge)

@@ -52,6 +52,7 @@ from fedleak.training.sgd import SGD, _first_use
 class Contrastive(SGD):
     """SimCLR / NCL local steps plus an online classifier on the detached features."""
 
+    defend_with: ClassVar[str] = "update defenses (its steps follow the contrastive loss)"
     sends: ClassVar[dict[str, str]] = {}
 
     lr: float = 1e-3
@@ -118,10 +119,7 @@ class Contrastive(SGD):
     ) -> TrainResult:
         """Train ``model`` in place for one round of contrastive steps; sends nothing extra."""
         if defenses:
-            raise ValueError(
-                "contrastive: training and gradient defenses wrap an SGD step on the task loss "
-                "and are not supported here; use update defenses (on what the client sends)"
-            )
+            raise ValueError(f"contrastive: training defenses do not apply; use {self.defend_with}")
         if not len(data):
             raise ValueError("contrastive: the client has no examples to train on")
         if self.optimizer == "adam":

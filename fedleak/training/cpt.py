@@ -24,7 +24,6 @@ client keeps no state between rounds); the authors' group-reweighted sampler is 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -40,21 +39,24 @@ from fedleak.core import (
     Setting,
     TrainingDefense,
     TrainResult,
+    set_batch_norm,
 )
 from fedleak.robust import baselines
 from fedleak.robust.block import block_names
 from fedleak.robust.epo import epo_weights, preference_vector
 from fedleak.robust.groups import group_gradients, group_losses
 from fedleak.training import TRAINERS
+from fedleak.training.sgd import SGD
 
 METHODS = ("epo", "erm", "reweight", "groupdro")
 
 
 @TRAINERS.register("cpt")
 @dataclass
-class CPT:
+class CPT(SGD):
     """Group-robust local training of a tunable block: CPT's EPO mix, or ERM/reweight/GroupDRO."""
 
+    defend_with: ClassVar[str] = "update defenses (it mixes per-group gradients itself)"
     sends: ClassVar[dict[str, str]] = {
         "group_losses": "each group's mean loss at the received model on the first step's "
         "examples [K]; 0 = no example of that group (the client's group and label support)",
@@ -63,10 +65,7 @@ class CPT:
         "proportions; with reweight its group support",
     }
 
-    lr: float = 0.05
-    local_steps: int = 1
-    batch_size: int = 0  # examples per step; 0 = the whole partition
-    momentum: float = 0.0
+    lr: float = 0.05  # the step, local_steps / local_epochs and batch_size as in sgd
     method: Literal["epo", "erm", "reweight", "groupdro"] = "epo"
     preference: tuple[float, ...] = ()  # c, one positive number per group; () = uniform
     groups: Literal["data", "labels"] = "data"  # the data's group ids, or the class labels
@@ -76,16 +75,7 @@ class CPT:
     eps: float = 1e-4  # non-uniformity below which EPO switches from balancing to descent
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"cpt: lr must be > 0, got {self.lr}")
-        if self.local_steps < 1:
-            raise ValueError(f"cpt: local_steps must be >= 1, got {self.local_steps}")
-        if self.batch_size < 0:
-            raise ValueError(
-                f"cpt: batch_size must be >= 0 (0 = whole partition), got {self.batch_size}"
-            )
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"cpt: momentum must be in [0, 1), got {self.momentum}")
+        super().__post_init__()
         if self.num_groups < 0:
             raise ValueError(
                 f"cpt: num_groups must be >= 0 (0 = number of classes), got {self.num_groups}"
@@ -105,7 +95,8 @@ class CPT:
             raise ValueError(f"cpt: eps must be >= 0, got {self.eps}")
 
     def check(self, setting: Setting) -> None:
-        """The block names parameters, the groups are countable, no per-step defense."""
+        """The block names parameters and the groups are countable."""
+        super().check(setting)
         block_names((n for n, _ in setting.model.named_parameters()), self.block, "cpt")
         if self.groups == "data" and not self.num_groups:
             raise ValueError(
@@ -123,13 +114,6 @@ class CPT:
                 preference_vector(self.preference, k)
             except ValueError as err:
                 raise ValueError(f"cpt: {err}") from None
-        if setting.defenses and any(
-            hasattr(d, "wrap") or hasattr(d, "gradients") for d in setting.defenses
-        ):
-            raise ValueError(
-                "cpt mixes per-group gradients itself; training defenses (dpsgd, dropout, "
-                "per-step gradient defenses) do not apply to it. Use update defenses."
-            )
 
     def groups_of(self, num_classes: int) -> int:
         """K, the number of groups."""
@@ -146,7 +130,7 @@ class CPT:
     ) -> TrainResult:
         """One round of group-robust training of the block; sends the group losses and mix."""
         if defenses:
-            raise ValueError("cpt: training defenses do not apply to it; use update defenses")
+            raise ValueError(f"cpt: training defenses do not apply to it; use {self.defend_with}")
         if self.groups == "labels":
             groups = data.labels
             with torch.no_grad():  # one group per class: the model's output width
@@ -186,23 +170,14 @@ class CPT:
         block = [params[name] for name in names]
         c = preference_vector(self.preference, k)
         optimizer = torch.optim.SGD(block, lr=self.lr, momentum=self.momentum)
-        size = min(self.batch_size or n, n)
-        per_epoch = math.ceil(n / size)
-        order = torch.cat(
-            [
-                torch.randperm(n, generator=rng).to(labels.device)
-                for _ in range(math.ceil(self.local_steps / per_epoch))
-            ]
-        )
+        steps = self.schedule(n, labels.device, rng)
         q = np.full(k, 1.0 / k)  # GroupDRO's weights
-        mix, losses_seen, first, used = np.zeros(k), [], None, []
-        model.train()
+        mix, losses_seen, first = np.zeros(k), [], None
+        set_batch_norm(model, self.batch_norm)
         for p in frozen:
             p.requires_grad_(False)  # only the block is differentiated
         try:
-            for step in range(self.local_steps):
-                epoch, j = divmod(step, per_epoch)
-                idx = order[epoch * n + j * size : epoch * n + min((j + 1) * size, n)]
+            for idx in steps:
                 per_example = loss_fn(model(inputs[idx]), labels[idx], reduction="none")
                 losses, counts = group_losses(per_example, groups[idx], k)
                 weights, grads = self._weights(losses, counts, block, c, q)
@@ -213,19 +188,17 @@ class CPT:
                     p.grad = direction[offset : offset + p.numel()].view_as(p).clone()
                     offset += p.numel()
                 optimizer.step()
-                mix += weights / self.local_steps
+                mix += weights / len(steps)
                 losses_seen.append(float(per_example.detach().mean()))
                 first = losses.detach() if first is None else first
-                used.append(idx)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        seen = torch.cat(used)
-        keep = _first_use(seen)
+        keep = _first_use(torch.cat(steps))
         return TrainResult(
             loss=sum(losses_seen) / len(losses_seen),
-            steps=self.local_steps,
-            batch_size=size,
+            steps=len(steps),
+            batch_size=len(steps[0]),
             used=Batch(inputs[keep], labels[keep]),
             messages={
                 "group_losses": first.float().cpu(),

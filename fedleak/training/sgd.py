@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fedleak.core import (
     Batch,
@@ -47,17 +47,17 @@ class SGD:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"sgd: lr must be > 0, got {self.lr}")
+            raise ValueError(f"{self.name}: lr must be > 0, got {self.lr}")
         if self.local_steps < 1:
-            raise ValueError(f"sgd: local_steps must be >= 1, got {self.local_steps}")
+            raise ValueError(f"{self.name}: local_steps must be >= 1, got {self.local_steps}")
         if self.local_epochs < 0:
-            raise ValueError(f"sgd: local_epochs must be >= 0, got {self.local_epochs}")
+            raise ValueError(f"{self.name}: local_epochs must be >= 0, got {self.local_epochs}")
         if self.batch_size < 0:
             raise ValueError(
-                f"sgd: batch_size must be >= 0 (0 = whole partition), got {self.batch_size}"
+                f"{self.name}: batch_size must be >= 0 (0 = whole partition), got {self.batch_size}"
             )
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"sgd: momentum must be in [0, 1), got {self.momentum}")
+            raise ValueError(f"{self.name}: momentum must be in [0, 1), got {self.momentum}")
 
     def check(self, setting: Setting) -> None:
         """Refuse a learning rate the model's floating-point type cannot hold (torch raises)."""
@@ -78,25 +78,30 @@ class SGD:
         per_epoch = math.ceil(examples / min(self.batch_size or examples, examples))
         return self.local_epochs * per_epoch if self.local_epochs else self.local_steps
 
-    def batches(self, data: Batch, rng: torch.Generator) -> list[Batch]:
-        """The mini-batches of one round, in order."""
-        n = len(data)
+    def schedule(self, n: int, device: torch.device, rng: torch.Generator) -> list[Tensor]:
+        """The example indices of each step of one round, in order (epochs reshuffle)."""
+        steps = self.planned_steps(n)
+        if not steps:
+            return []
         size = min(self.batch_size or n, n)
         per_epoch = math.ceil(n / size)
-        steps = self.planned_steps(n)
-        device = data.labels.device
         order = torch.cat(
             [
                 torch.randperm(n, generator=rng).to(device)
                 for _ in range(math.ceil(steps / per_epoch))
             ]
         )
-        chunks = []
-        for step in range(steps):
-            epoch, k = divmod(step, per_epoch)
-            idx = order[epoch * n + k * size : epoch * n + min((k + 1) * size, n)]
-            chunks.append(Batch(data.inputs[idx], data.labels[idx]))
-        return chunks
+        return [
+            order[epoch * n + k * size : epoch * n + min((k + 1) * size, n)]
+            for epoch, k in (divmod(step, per_epoch) for step in range(steps))
+        ]
+
+    def batches(self, data: Batch, rng: torch.Generator) -> list[Batch]:
+        """The mini-batches of one round, in order."""
+        return [
+            Batch(data.inputs[idx], data.labels[idx])
+            for idx in self.schedule(len(data), data.labels.device, rng)
+        ]
 
     def fit(
         self,

@@ -63,6 +63,7 @@ SEED_HIGH = 2**62  # step seeds are drawn in [0, 2^62): int64 on the wire, any t
 class MeZO:
     """Two-point zeroth-order local SGD, sent as per-step seeds and projected differences."""
 
+    defend_with: ClassVar[str] = "its clip and noise_std on the scalars (it computes no gradients)"
     sends_model: ClassVar[bool] = False
     sends: ClassVar[dict[str, str]] = {
         "seeds": "[local_steps] int64: the seed of each local step's random directions",
@@ -98,15 +99,8 @@ class MeZO:
         self._sgd = SGD(lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size)
 
     def check(self, setting: Setting) -> None:
-        """The names match parameters; no defense that needs gradients or the update."""
+        """The names match parameters."""
         self.perturbed(setting.model)
-        for defense in setting.defenses:
-            if hasattr(defense, "wrap") or hasattr(defense, "gradients"):
-                raise ValueError(
-                    f"mezo: the defense {defense.name!r} acts on gradients, which a "
-                    "zeroth-order client never computes; protect its scalars with "
-                    "training.clip and training.noise_std instead"
-                )
 
     def perturbed(self, model: nn.Module) -> list[str]:
         """The names of the floating-point parameters the directions cover, in model order."""
@@ -132,10 +126,7 @@ class MeZO:
     ) -> TrainResult:
         """Train ``model`` in place by zeroth-order steps; the messages rebuild its state."""
         if defenses:
-            raise ValueError(
-                "mezo: training defenses act on gradients, which a zeroth-order client never "
-                "computes; use clip and noise_std"
-            )
+            raise ValueError(f"mezo: training defenses do not apply to it; use {self.defend_with}")
         if not len(data):
             raise ValueError("mezo: the client has no examples to train on")
         batches = self._sgd.batches(data, rng)
@@ -239,6 +230,7 @@ def _loss(
 class ZOQuery:
     """The client of ``zo_newton``: its loss at each point the server asks, nothing trained."""
 
+    defend_with: ClassVar[str] = "its noise_std on the losses (it computes no gradients)"
     sends_model: ClassVar[bool] = False
     sends: ClassVar[dict[str, str]] = {
         "losses": "[q] the client's mean loss at each of the server's points: its own loss "
@@ -271,7 +263,7 @@ class ZOQuery:
     ) -> TrainResult:
         """The losses at ``instructions["points"]``; the model is left as received."""
         if defenses:
-            raise ValueError("zo_query: it computes no gradients to defend; use noise_std")
+            raise ValueError(f"zo_query: training defenses do not apply; use {self.defend_with}")
         if not len(data):
             raise ValueError("zo_query: the client has no examples to evaluate")
         points = (instructions or {}).get("points")

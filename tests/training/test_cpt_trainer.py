@@ -130,12 +130,3 @@ def test_check_refuses_impossible_settings(options, match):
     trainer = TRAINERS["cpt"](**options)
     with pytest.raises(ValueError, match=match):
         trainer.check(Setting(TASK, model(), trainer))
-
-
-def test_check_refuses_training_defenses():
-    from fedleak.defenses import DEFENSES
-
-    trainer = TRAINERS["cpt"](groups="labels")
-    dpsgd = DEFENSES["dpsgd"]()
-    with pytest.raises(ValueError, match="training defenses"):
-        trainer.check(Setting(TASK, model(), trainer, defenses=(dpsgd,)))

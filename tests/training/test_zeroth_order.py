@@ -193,20 +193,6 @@ def test_bad_mezo_options_are_one_clear_error(options, match):
         mezo_experiment(**options).check()
 
 
-def test_mezo_refuses_gradient_defenses():
-    from fedleak import config
-
-    with pytest.raises(ValueError, match="protect its scalars"):
-        config.load(
-            {
-                "data": {"name": "digits"},
-                "model": {"name": "mlp"},
-                "training": {"name": "mezo"},
-                "defenses": [{"name": "dpsgd"}],
-            }
-        ).check()
-
-
 def test_a_federated_run_records_the_seeds_and_the_replayed_state(tmp_path, tiny):
     from fedleak import config, pipeline
 
