@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", help="one kind, e.g. attacks")
     lst.set_defaults(func=cmd_list)
     run = sub.add_parser("run", help="run an experiment file")
-    run.add_argument("config", help="experiment TOML, e.g. simulations/digits_dlg.toml")
+    run.add_argument("config", help="experiment TOML, e.g. simulations/quickstart.toml")
     run.add_argument(
         "-o", "--override", action="append", metavar="KEY=VALUE", help="dotted.key=value"
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -203,9 +204,15 @@ class Experiment:
         return next((d for d in self.defenses if stage(d) == "aggregation"), None)
 
     def dataset(self) -> Dataset:
-        """The loaded data set (cached per process: every client of a process shares it)."""
+        """The loaded data set (cached per process: every client of a process shares it).
+
+        The cache keeps the last few data sets, so a long-lived process that loads many
+        (a benchmark, the test suite) does not hold them all.
+        """
         key = repr(self.data)
         if key not in _DATASET_CACHE:
+            while len(_DATASET_CACHE) >= CACHED_DATASETS:
+                del _DATASET_CACHE[next(iter(_DATASET_CACHE))]  # the oldest
             try:
                 _DATASET_CACHE[key] = self.data.load()
             except MemoryError as err:  # the OS refused the allocation outright
@@ -228,9 +235,7 @@ class Experiment:
 
     def client_data(self, client: int) -> Batch:
         """The training examples of one client."""
-        idx = self.partitions()[client]
-        pool = self.dataset().train
-        return Batch(pool.inputs[idx], pool.labels[idx])
+        return self.dataset().train.select(self.partitions()[client])
 
     def build_model(self) -> nn.Module:
         """A new copy of the global architecture (modifiers applied) with the seed's weights."""
@@ -319,6 +324,16 @@ class Experiment:
 
         Cheap next to training; the CLI calls it before starting a run.
         """
+        examples = getattr(self.data, "generated_examples", 0)
+        if examples and (total := _memory()):
+            # float32 inputs and their normalised copy, before anything is generated
+            size = 2 * 4 * examples * math.prod(self.data.task.input_shape)
+            if size > total / 2:
+                raise ConfigError(
+                    f"[data] {self.data.name!r} would generate {examples:,} examples of shape "
+                    f"{self.data.task.input_shape}: about {size / 2**30:.0f} GiB, and this "
+                    f"machine has {total / 2**30:.0f} GiB; generate fewer examples."
+                )
         try:
             parts = self.partitions()
         except ValueError as err:
@@ -391,6 +406,7 @@ def _memory() -> int:
         return 0
 
 
+CACHED_DATASETS = 4
 _DATASET_CACHE: dict[str, Dataset] = {}
 _PARTITION_CACHE: dict[tuple, list[torch.Tensor]] = {}
 

@@ -72,17 +72,32 @@ class Task:
 
 @dataclass(frozen=True)
 class Batch:
-    """Examples a client actually trained on: ground truth, read by metrics only."""
+    """Examples a client actually trained on: ground truth, read by metrics only.
+
+    ``groups`` are per-example group ids where the data has them (e.g. label x spurious
+    attribute): metadata that stays on the client, for group-robust trainers and worst-group
+    accuracy; never part of what a client sends.
+    """
 
     inputs: Tensor
     labels: Tensor
+    groups: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def select(self, indices: Tensor) -> Batch:
+        """The examples at ``indices``, in their order, with their group ids."""
+        return Batch(
+            self.inputs[indices],
+            self.labels[indices],
+            None if self.groups is None else self.groups[indices.to(self.groups.device)],
+        )
+
     def to(self, device: torch.device | str) -> Batch:
         """These examples on ``device`` (tensors already there are not copied)."""
-        return Batch(self.inputs.to(device), self.labels.to(device))
+        groups = None if self.groups is None else self.groups.to(device)
+        return Batch(self.inputs.to(device), self.labels.to(device), groups)
 
 
 @dataclass(frozen=True)
@@ -454,7 +469,11 @@ class Dataset:
 
 @runtime_checkable
 class DataSource(Protocol):
-    """Loads a data set (from a data root, a bundled copy, or by generating it)."""
+    """Loads a data set (from a data root, a bundled copy, or by generating it).
+
+    A source whose size is an option declares its ``task`` and ``generated_examples`` (an int
+    property), so the config can refuse what this machine cannot hold before generating it.
+    """
 
     modality: ClassVar[str]
 

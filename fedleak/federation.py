@@ -104,20 +104,30 @@ def initial_params(exp: Experiment) -> Params:
 
 @torch.no_grad()
 def evaluate(exp: Experiment, params: Params, batch_size: int = 512) -> dict[str, float]:
-    """Global test loss and accuracy of ``params``, computed on the experiment's device."""
+    """Global test loss and accuracy of ``params``, computed on the experiment's device.
+
+    Where the test set has group ids, also the accuracy of its worst group (group robustness).
+    """
     device = exp.device
     model = exp.build_model().to(device)
     model.load_state_dict(params)
     model.eval()
     test = exp.dataset().test
-    loss, correct = 0.0, 0
+    loss, hits = 0.0, []
     for start in range(0, len(test), batch_size):
         x, y = test.inputs[start : start + batch_size], test.labels[start : start + batch_size]
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss += float(exp.loss_fn(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return {"test_loss": loss / len(test), "test_accuracy": correct / len(test)}
+        hits.append((logits.argmax(-1) == y).cpu())
+    correct = torch.cat(hits).double()
+    metrics = {"test_loss": loss / len(test), "test_accuracy": float(correct.mean())}
+    if test.groups is not None:
+        groups = test.groups.cpu()
+        metrics["worst_group_accuracy"] = min(
+            float(correct[groups == g].mean()) for g in groups.unique()
+        )
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,7 @@ def local_update(
         )
         declared(chosen.messages, exp.selection, "[selection]", "its messages")
         messages.update(chosen.messages)
-        data = Batch(data.inputs[chosen.indices], data.labels[chosen.indices])
+        data = data.select(chosen.indices)
     result = exp.trainer.fit(
         model,
         data,

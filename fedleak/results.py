@@ -13,15 +13,17 @@ the label accuracy of an attack that recovers no labels.
 
 ``utility.csv`` (a run): one row per evaluated round, round 0 being the initial model.
 
-    ==============  ===========================================================================
-    round           the round after which the global model was evaluated
-    test_loss       mean loss of the global model on the test set
-    test_accuracy   fraction of the test set it classifies correctly
-    train_loss      mean training loss the round's clients reported (NaN in round 0)
-    clients         clients sampled in the round
-    failures        sampled clients whose update was not finite (left out of the average)
-    seconds         since the server started
-    ==============  ===========================================================================
+    ====================  ========================================================================
+    round                 the round after which the global model was evaluated
+    test_loss             mean loss of the global model on the test set
+    test_accuracy         fraction of the test set it classifies correctly
+    worst_group_accuracy  the lowest accuracy over the test set's groups (data with group ids only,
+                          e.g. waterbirds_lite; the column is absent otherwise)
+    train_loss            mean training loss the round's clients reported (NaN in round 0)
+    clients               clients sampled in the round
+    failures              sampled clients whose update was not finite (left out of the average)
+    seconds               since the server started
+    ====================  ========================================================================
 
 ``results.csv`` (a run): one row per (round, client, attack), appended as attacks finish.
 

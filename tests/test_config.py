@@ -167,3 +167,9 @@ def test_trainers_without_sgd_steps_refuse_training_defenses_at_load(tiny, train
     spec["defenses"] = [{"name": defense}]
     with pytest.raises(ConfigError, match=f"{defense}.*protect it with"):
         config.load(spec)
+
+
+def test_generated_data_this_machine_cannot_hold_is_refused_before_generating(tiny):
+    exp = config.load(tiny(data={"name": "digit_domains", "domains": 10**6}))
+    with pytest.raises(ConfigError, match=r"200,000,000 examples.*generate fewer"):
+        exp.check()

@@ -103,6 +103,11 @@ class DigitDomains:
                 out[i, 0, row, col] = 1.0
         return np.clip(out, 0, 1).astype(np.float32)
 
+    @property
+    def generated_examples(self) -> int:
+        """The pool's examples (the target domain adds a share of the 1,797 digits)."""
+        return self.domains * self.examples_per_domain
+
     def load(self) -> Dataset:
         """Source domains stacked in order (the pool), the target domain as the test set."""
         (images, labels), (test_images, test_labels) = self.splits()

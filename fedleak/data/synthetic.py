@@ -43,6 +43,11 @@ class SyntheticImages:
             raise ValueError(f"synthetic_images: noise must be >= 0, got {self.noise}")
 
     @property
+    def generated_examples(self) -> int:
+        """The pool plus the test set."""
+        return self.examples + self.test_examples
+
+    @property
     def task(self) -> Task:
         """The task; mean 0.5 and std 0.25 are a convention, not measured."""
         shape = (self.channels, self.size, self.size)

@@ -21,11 +21,12 @@ and standard deviation per channel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from fedleak import seeding
@@ -139,9 +140,18 @@ class WaterbirdsLite:
         return pool.labels * len(self.textures) + pool.attributes
 
     def load(self) -> Dataset:
-        """The training pool and the balanced test set, normalised with the pool's statistics."""
+        """The training pool and the balanced test set, normalised with the pool's statistics.
+
+        Both carry their group ids (``Batch.groups``): CPT's clients balance them, and the
+        server's evaluation reports the worst group's accuracy.
+        """
         train, test = self.pools
         mean = tuple(float(m) for m in train.images.mean(axis=(0, 2, 3)))
         std = tuple(float(s) for s in train.images.std(axis=(0, 2, 3)))
         task = Task("image", (3, self.size, self.size), 2, mean=mean, std=std)
-        return _sources.pack(task, (train.images, train.labels), (test.images, test.labels))
+        data = _sources.pack(task, (train.images, train.labels), (test.images, test.labels))
+        return replace(
+            data,
+            train=replace(data.train, groups=torch.from_numpy(self.groups("train"))),
+            test=replace(data.test, groups=torch.from_numpy(self.groups("test"))),
+        )

@@ -137,12 +137,12 @@ class CPT(SGD):
                 k = model(data.inputs[:1]).shape[-1]
         else:
             k = self.num_groups
-            groups = getattr(data, "groups", None)
+            groups = data.groups
             if groups is None:
                 raise ValueError(
                     "cpt: groups = 'data' needs the group id of every example (Batch.groups), "
-                    "which this run does not carry; use groups = 'labels', or a data source "
-                    "with groups"
+                    "which this data source does not give; use groups = 'labels', or data "
+                    "with groups (e.g. waterbirds_lite)"
                 )
         return self.fit_groups(model, data.inputs, data.labels, groups, loss_fn, rng, k)
 

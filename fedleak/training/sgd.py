@@ -98,10 +98,7 @@ class SGD:
 
     def batches(self, data: Batch, rng: torch.Generator) -> list[Batch]:
         """The mini-batches of one round, in order."""
-        return [
-            Batch(data.inputs[idx], data.labels[idx])
-            for idx in self.schedule(len(data), data.labels.device, rng)
-        ]
+        return [data.select(idx) for idx in self.schedule(len(data), data.labels.device, rng)]
 
     def fit(
         self,

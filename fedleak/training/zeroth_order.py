@@ -285,7 +285,7 @@ class ZOQuery:
                 if self.batch_size:
                     idx = torch.randperm(len(data), generator=rng).to(data.labels.device)
                     idx = idx[: self.batch_size]
-                    batch = Batch(data.inputs[idx], data.labels[idx])
+                    batch = data.select(idx)
                 out = functional_call(model, params, (batch.inputs,))
                 losses.append(loss_fn(out, batch.labels))
             here = float(loss_fn(model(data.inputs), data.labels))  # at the received model

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fedleak.data import DATASETS
 from fedleak.registry import ConfigError
@@ -51,3 +52,13 @@ def test_three_textures_make_six_groups():
 def test_bad_options_are_one_clear_error(options, match):
     with pytest.raises(ConfigError, match=match):
         DATASETS.build({"name": "waterbirds_lite", **options}, "data")
+
+
+def test_group_ids_ride_with_the_examples():
+    source = DATASETS["waterbirds_lite"](size=8)
+    data = source.load()
+    assert torch.equal(data.train.groups, torch.from_numpy(source.groups("train")))
+    assert torch.equal(data.test.groups, torch.from_numpy(source.groups("test")))
+    picked = data.train.select(torch.tensor([5, 0, 3]))
+    assert torch.equal(picked.groups, data.train.groups[[5, 0, 3]])
+    assert torch.equal(picked.labels, data.train.labels[[5, 0, 3]])

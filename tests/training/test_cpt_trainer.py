@@ -80,12 +80,16 @@ def test_preference_lowers_the_preferred_groups_loss():
 
 
 def test_fit_reads_groups_from_the_data_or_the_labels():
-    x, y, _ = spurious(40)
+    x, y, g = spurious(40)
     batch = Batch(x, y)
     with pytest.raises(ValueError, match="use groups = 'labels'"):
         TRAINERS["cpt"](num_groups=4).fit(
             model(), batch, nn.functional.cross_entropy, seeding.rng(0)
         )
+    out = TRAINERS["cpt"](num_groups=4, method="erm").fit(
+        model(), Batch(x, y, g), nn.functional.cross_entropy, seeding.rng(0)
+    )
+    assert torch.allclose(out.messages["group_weights"], torch.bincount(g, minlength=4) / 40.0)
     out = TRAINERS["cpt"](groups="labels").fit(
         model(), batch, nn.functional.cross_entropy, seeding.rng(0)
     )
@@ -130,3 +134,30 @@ def test_check_refuses_impossible_settings(options, match):
     trainer = TRAINERS["cpt"](**options)
     with pytest.raises(ValueError, match=match):
         trainer.check(Setting(TASK, model(), trainer))
+
+
+def test_a_federated_run_balances_the_datas_groups_and_reports_the_worst_group(tmp_path):
+    """groups = "data": waterbirds_lite's label x texture ids reach every client's trainer."""
+    from fedleak import config, pipeline, results
+
+    exp = config.load(
+        {
+            "seed": 0,
+            "rounds": 2,
+            "clients": 4,
+            "clients_per_round": 2,
+            "data": {"name": "waterbirds_lite", "size": 8},
+            "model": {"name": "mlp", "hidden": [16]},
+            "training": {"name": "cpt", "num_groups": 4, "local_steps": 2, "block": ["3."]},
+            "observe": {"rounds": [1], "clients_per_round": 0},
+        }
+    )
+    store = pipeline.run(exp, tmp_path / "run")
+    utility = results.read(store.root / "utility.csv")
+    assert (utility["worst_group_accuracy"] <= utility["test_accuracy"]).all()
+    truth = exp.dataset().train.groups
+    for view in store.views(exp):
+        own = truth[exp.partitions()[view.client]]
+        held = torch.bincount(own, minlength=4) > 0
+        # a group's loss is 0 exactly when the client holds none of it
+        assert torch.equal(view.messages["group_losses"] > 0, held)
