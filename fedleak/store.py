@@ -9,6 +9,7 @@ Layout::
     run.log                every log line of the run (rounds, failed clients, attacks)
     meta.json              status ("running" | "done" | "failed" | "diverged"; a dead writer
                            reads "interrupted"), its pid and host, versions, runner, wall time
+    model.pt               the global state after the last round (the trained model)
     sent/r0001.pt          global state sent in an observed round (after modifiers) + secrets
     views/r0001_c0003.pt   what client 3 sent back in round 1, with its reported metadata
     truth/r0001_c0003.pt   the examples client 3 trained on: read by metrics only, never attacks
@@ -170,6 +171,18 @@ class RunStore:
     def update_meta(self, **fields: Any) -> None:
         """Merge ``fields`` into meta.json."""
         self.write_text("meta.json", json.dumps({**self.meta(), **fields}, indent=2) + "\n")
+
+    def write_model(self, params: Params) -> None:
+        """The global state after the last round."""
+        self._save("model.pt", params)
+
+    def model(self) -> Params:
+        """The trained global state (``exp.build_model().load_state_dict`` takes it)."""
+        if not (self.root / "model.pt").is_file():
+            raise FileNotFoundError(
+                f"{self.root} has no model.pt: the run did not finish its last round"
+            )
+        return self._load("model.pt")
 
     # -- what the server saw ----------------------------------------------------------------
     def write_sent(

@@ -20,10 +20,11 @@ the label vary across domains:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from fedleak import seeding
@@ -109,7 +110,10 @@ class DigitDomains:
         return self.domains * self.examples_per_domain
 
     def load(self) -> Dataset:
-        """Source domains stacked in order (the pool), the target domain as the test set."""
+        """Source domains stacked in order (the pool), the target domain as the test set.
+
+        The pool's group ids are the examples' source domains (``projectionnet`` trains on them).
+        """
         (images, labels), (test_images, test_labels) = self.splits()
         pool_x, pool_y = [], []
         for k in range(self.domains):
@@ -122,7 +126,9 @@ class DigitDomains:
             pool_y.append(labels[pick])
         train = np.concatenate(pool_x), np.concatenate(pool_y)
         test = self.style(TARGET, test_images, test_labels), test_labels
-        return _sources.pack(self.task, train, test)
+        data = _sources.pack(self.task, train, test)
+        domains = torch.arange(self.domains).repeat_interleave(self.examples_per_domain)
+        return replace(data, train=replace(data.train, groups=domains))
 
 
 @PARTITIONS.register("blocks")

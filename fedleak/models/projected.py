@@ -6,6 +6,10 @@ projector is a buffer of the global state, the identity until the server replace
 projector onto the content (invariant plus approximately shared) feature directions, so that
 every client, the server's evaluation and a target client fine-tuning the head all read the
 same projected features.  ``features(x)`` gives the encoder's output before the projector.
+
+``projectionnet`` is the paper's practical network, three learned linear projections of the
+encoder's features (label-specific, shared, environmental) with a label head and a domain
+head; its trainer is :class:`fedleak.training.shared_features.ProjectionNetTrainer`.
 """
 
 from __future__ import annotations
@@ -63,3 +67,54 @@ class ProjectedMLP:
         for inputs, outputs in itertools.pairwise(widths):
             layers += [nn.Linear(inputs, outputs), _layers.ACTIVATIONS[self.activation]()]
         return Projected(nn.Sequential(*layers), widths[-1], task.num_classes)
+
+
+class ProjectionNet(nn.Module):
+    """An encoder, then label-specific, shared and environmental projections of its features."""
+
+    def __init__(self, encoder: nn.Module, width: int, classes: int, domains: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.project = nn.ModuleDict(
+            {part: nn.Linear(width, width, bias=False) for part in ("label", "shared", "env")}
+        )
+        self.label_head = nn.Linear(2 * width, classes)
+        self.domain_head = nn.Linear(2 * width, domains)
+
+    def parts(self, inputs: Tensor) -> dict[str, Tensor]:
+        """The three projections of the encoder's features."""
+        h = self.encoder(inputs)
+        return {part: proj(h) for part, proj in self.project.items()}
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Label logits from the label-specific and shared projections."""
+        parts = self.parts(inputs)
+        return self.label_head(torch.cat([parts["label"], parts["shared"]], 1))
+
+
+@MODELS.register("projectionnet")
+@dataclass
+class ProjectionNetModel:
+    """ProjectionNet (Zhong et al.): label, shared and environmental projections of MLP features."""
+
+    hidden: tuple[int, ...] = (64,)  # encoder widths; the last one is the feature dimension
+    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
+    domains: int = 8  # outputs of the domain head: the source domains' ids are 0..domains-1
+
+    def __post_init__(self) -> None:
+        _layers.check_options("projectionnet", self)
+        if not self.hidden or any(width < 1 for width in self.hidden):
+            raise ValueError(
+                f"projectionnet: hidden needs at least one width >= 1 (the features), got "
+                f"{self.hidden}"
+            )
+        if self.domains < 2:
+            raise ValueError(f"projectionnet: domains must be >= 2, got {self.domains}")
+
+    def __call__(self, task: Task) -> nn.Module:
+        """The network for ``task``'s input size and classes."""
+        widths = (math.prod(task.input_shape), *self.hidden)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for inputs, outputs in itertools.pairwise(widths):
+            layers += [nn.Linear(inputs, outputs), _layers.ACTIVATIONS[self.activation]()]
+        return ProjectionNet(nn.Sequential(*layers), widths[-1], task.num_classes, self.domains)

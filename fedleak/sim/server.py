@@ -326,6 +326,8 @@ class Observed(Strategy):
         params = arrays.to_torch_state_dict()
         federation.require_finite(params, f"round {server_round}: the global model")
         metrics = federation.evaluate(self.exp, params)
+        if server_round == self.exp.federation.rounds:
+            self.store.write_model(params)
         if self._initial_loss is None:
             self._initial_loss = metrics["test_loss"]
         row = {

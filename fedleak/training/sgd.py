@@ -100,6 +100,10 @@ class SGD:
         """The mini-batches of one round, in order."""
         return [data.select(idx) for idx in self.schedule(len(data), data.labels.device, rng)]
 
+    def objective(self, model: nn.Module, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
+        """The loss one step descends: the task loss (subclasses add terms)."""
+        return loss_fn(model(batch.inputs), batch.labels)
+
     def fit(
         self,
         model: nn.Module,
@@ -123,7 +127,7 @@ class SGD:
         losses, used = [], []
         for batch in batches:
             optimizer.zero_grad()
-            loss = loss_fn(model(batch.inputs), batch.labels)
+            loss = self.objective(model, batch, loss_fn)
             loss.backward()
             if per_step:
                 _defend_gradients(model, batch, loss_fn, per_step, rng)

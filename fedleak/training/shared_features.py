@@ -11,15 +11,18 @@ Zhong, Pan & Lei, "Bridging Domains with Approximately Shared Features", AISTATS
 * :func:`finetune_head` (a target domain): multinomial logistic regression on the projected
   features of a few labelled examples, shrunk toward the sources' head; the encoder and the
   projector stay frozen.
-* :class:`ProjectionNet` with :func:`projectionnet_loss`: the paper's practical method, three
-  learned linear projections of the features -- label-specific ``P_y``, shared ``P_s``,
-  environmental ``P_e`` -- with a label head on ``[P_y h, P_s h]`` and a domain head on
-  ``[P_e h, P_s h]``, trained with both cross-entropies and a penalty keeping each projection
-  near-orthonormal.  ``orthogonality = True`` also adds the pairwise terms
-  ``||P_y P_s^T||^2`` and ``||P_y P_e^T||^2`` (weights 1 and 10 as in the authors' config),
-  which the authors' code computes but leaves out of the loss.  It needs every example's
-  domain, so it trains centrally on pooled sources here: a federated client does not know
-  which domain it is among the others.
+* The trainer ``projectionnet`` with :func:`projectionnet_loss`: the paper's practical method
+  on the model :class:`fedleak.models.projected.ProjectionNet`, three learned linear
+  projections of the features -- label-specific ``P_y``, shared ``P_s``, environmental
+  ``P_e`` -- with a label head on ``[P_y h, P_s h]`` and a domain head on ``[P_e h, P_s h]``,
+  trained with both cross-entropies and a penalty keeping each projection near-orthonormal.
+  ``orthogonality = True`` also adds the pairwise terms ``||P_y P_s^T||^2`` and
+  ``||P_y P_e^T||^2`` (weights 1 and 10 as in the authors' config), which the authors' code
+  computes but leaves out of the loss.  The paper trains on pooled sources; federated, each
+  client is a source domain that knows its own domain id (the data's group ids, as
+  ``digit_domains`` gives them) and the server averages (FedAvg).  What leaks, beyond the
+  update: nothing is sent, but the domain head's update names the client's domain (its
+  cross-entropy pushes up one row of it).
 """
 
 from __future__ import annotations
@@ -144,31 +147,72 @@ def finetune_head(
     return w.detach(), b.detach()
 
 
-class ProjectionNet(nn.Module):
-    """An encoder, then label-specific, shared and environmental projections of its features."""
+@TRAINERS.register("projectionnet")
+@dataclass
+class ProjectionNetTrainer(SGD):
+    """Local SGD on ProjectionNet's loss: labels, the client's domain id and orthogonality."""
 
-    def __init__(self, encoder: nn.Module, width: int, classes: int, domains: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.project = nn.ModuleDict(
-            {part: nn.Linear(width, width, bias=False) for part in ("label", "shared", "env")}
+    defend_with: ClassVar[str] = "update defenses (its loss has domain and projection terms)"
+
+    orthogonality: bool = True  # add the pairwise terms the authors' code leaves out
+    shared_weight: float = 1.0  # weight of ||P_y P_s^T||^2
+    env_weight: float = 10.0  # weight of ||P_y P_e^T||^2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("shared_weight", "env_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"projectionnet: {name} must be >= 0, got {getattr(self, name)}")
+
+    def check(self, setting: Setting) -> None:
+        """The model is a ProjectionNet."""
+        super().check(setting)
+        if not hasattr(setting.model, "domain_head"):
+            raise ValueError(
+                f"projectionnet: the model ({type(setting.model).__name__}) has no domain head "
+                "and projections; use [model] name = 'projectionnet'"
+            )
+
+    def fit(
+        self,
+        model: nn.Module,
+        data: Batch,
+        loss_fn: LossFn,
+        rng: torch.Generator,
+        defenses: tuple[TrainingDefense | GradientDefense, ...] = (),
+        instructions: Messages | None = None,
+    ) -> TrainResult:
+        """Train ``model`` in place for one round; the data's group ids are the domain ids."""
+        if defenses:
+            raise ValueError(f"projectionnet: training defenses do not apply; {self.defend_with}")
+        domains = model.domain_head.out_features
+        if data.groups is None:
+            raise ValueError(
+                "projectionnet: needs each example's source-domain id (Batch.groups), which "
+                "this data source does not give; use data with domains (e.g. digit_domains)"
+            )
+        if len(data) and not bool(((data.groups >= 0) & (data.groups < domains)).all()):
+            raise ValueError(
+                f"projectionnet: domain ids {int(data.groups.min())}..{int(data.groups.max())} "
+                f"do not fit the model's {domains} domains; set [model] domains to the data's"
+            )
+        return super().fit(model, data, loss_fn, rng, defenses, instructions)
+
+    def objective(self, model: nn.Module, batch: Batch, loss_fn: LossFn) -> Tensor:
+        """ProjectionNet's source loss; the batch's group ids are its domain ids."""
+        return projectionnet_loss(
+            model,
+            batch.inputs,
+            batch.labels,
+            batch.groups,
+            self.orthogonality,
+            self.shared_weight,
+            self.env_weight,
         )
-        self.label_head = nn.Linear(2 * width, classes)
-        self.domain_head = nn.Linear(2 * width, domains)
-
-    def parts(self, inputs: Tensor) -> dict[str, Tensor]:
-        """The three projections of the encoder's features."""
-        h = self.encoder(inputs)
-        return {part: proj(h) for part, proj in self.project.items()}
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        """Label logits from the label-specific and shared projections."""
-        parts = self.parts(inputs)
-        return self.label_head(torch.cat([parts["label"], parts["shared"]], 1))
 
 
 def projectionnet_loss(
-    net: ProjectionNet,
+    net: nn.Module,
     inputs: Tensor,
     labels: Tensor,
     domains: Tensor,

@@ -7,10 +7,10 @@ import torch
 from fedleak import config, federation
 from fedleak.core import Reply
 from fedleak.data.domains import Blocks, DigitDomains, PlantedDomains
+from fedleak.models.projected import ProjectionNet
 from fedleak.registry import ConfigError
 from fedleak.server import shared_features as sf
 from fedleak.training.shared_features import (
-    ProjectionNet,
     SharedFeaturesTrainer,
     finetune_head,
     projectionnet_loss,
@@ -189,3 +189,41 @@ def test_reply_without_statistics_is_left_out():
     sent = federation.initial_params(exp)
     replies = [Reply(c, sent, 10, 0.0, {}) for c in range(3)]
     assert torch.equal(exp.server.aggregate(1, sent, replies)["projector"], sent["projector"])
+
+
+PROJECTIONNET = {
+    **SETUP,
+    "model": {"name": "projectionnet", "hidden": [16], "domains": 4},
+    "training": {"name": "projectionnet", "lr": 0.1, "local_steps": 3, "batch_size": 10},
+    "server": {"name": "fedavg"},
+}
+
+
+def test_federated_projectionnet_learns_each_clients_domain_from_the_data():
+    """Client k trains the domain head on domain id k (digit_domains' group ids)."""
+    exp = config.load(PROJECTIONNET)
+    exp.check()
+    assert torch.equal(exp.client_data(2).groups, torch.full((30,), 2))
+    sent = federation.initial_params(exp)
+    for client in range(4):
+        update = federation.local_update(exp, client, 1, sent)
+        step = update.params["domain_head.bias"] - sent["domain_head.bias"]
+        # the domain cross-entropy raises the client's own domain logit: the update names it
+        assert int(step.argmax()) == client
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"model": {"name": "projected_mlp"}}, "use \\[model\\] name = 'projectionnet'"),
+        ({"data": {"name": "digits"}, "partition": {"name": "iid"}}, "source-domain id"),
+        ({"model": {"name": "projectionnet", "domains": 2}}, "set \\[model\\] domains"),
+        ({"training": {"name": "projectionnet", "env_weight": -1}}, "env_weight must be >= 0"),
+        ({"defenses": [{"name": "dpsgd"}]}, "protect it with update defenses"),
+    ],
+)
+def test_projectionnet_bad_settings_are_one_clear_error(change, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        exp = config.load({**PROJECTIONNET, **change})
+        exp.check()
+        federation.local_update(exp, 3, 1, federation.initial_params(exp))  # domain 3

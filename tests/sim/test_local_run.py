@@ -34,6 +34,10 @@ def test_run_writes_the_whole_run_directory(tmp_path, tiny):
     assert len(results) == 2 * 2  # 2 observed rounds x 2 clients x 1 attack
     assert {"psnr", "ssim", "label_acc", "mse", "seconds"} <= set(results[0])
     assert len(list((root / "images").glob("*.png"))) == 4
+    # the trained model: it scores what the last utility row says
+    exp = config.load(tiny())
+    final = federation.evaluate(exp, store.model())
+    assert final["test_accuracy"] == float(utility[-1]["test_accuracy"])
     # the resolved config reloads to the same experiment
     assert config.load(root / "config.toml").resolved == config.load(tiny()).resolved
 

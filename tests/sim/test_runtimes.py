@@ -171,6 +171,7 @@ STRATEGIES = (
     "robust_pruning_federated",
     "text_prune_client",
     "text_prune_server",
+    "projectionnet",
 )
 
 

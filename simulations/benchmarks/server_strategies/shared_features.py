@@ -22,7 +22,9 @@ Two parts, each row one (seed, method, target examples) cell:
   metric: target accuracy on the digits not used for fine-tuning, mean of 5 draws.  Also
   ProjectionNet (pooled sources with domain labels, 64-unit encoder, 40 epochs) with the
   target head on ``[P_y]`` (invariant), ``[P_y, P_s]`` (content), ``[P_y, P_s, P_e]`` (all),
-  with and without the pairwise orthogonality terms.
+  with and without the pairwise orthogonality terms; and ProjectionNet trained federated
+  (``simulations/projectionnet.toml``: FedAvg over the 8 source-domain clients, each knowing
+  its domain id, 40 rounds of one local epoch), its target heads read the same way.
 
 The shrinkage of every target head is chosen per method and target size by the target's own
 error (an oracle over a small grid, the same for every method): it compares what each
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,12 +50,11 @@ import pandas as pd
 import torch
 from torch.nn import functional
 
-from fedleak import seeding
+from fedleak import config, pipeline, seeding
 from fedleak.data.domains import DigitDomains, PlantedDomains
-from fedleak.models.projected import ProjectedMLP
+from fedleak.models.projected import ProjectedMLP, ProjectionNet
 from fedleak.server import shared_features as sf
 from fedleak.training.shared_features import (
-    ProjectionNet,
     finetune_head,
     projectionnet_loss,
 )
@@ -157,6 +159,29 @@ def _accuracy_rows(test_feats, test_labels, projectors, head, draws, seed, sizes
             yield {"method": name, "n_target": n, "value": best[0], "ridge": best[1]}
 
 
+def _projection_rows(net, label, x, y, xt, yt, draws, seed, sizes):
+    """Target accuracy of heads on a trained ProjectionNet's kept projections."""
+    net.eval()
+    with torch.no_grad():
+        parts, test_parts = net.parts(x), net.parts(xt)
+    width = parts["label"].shape[1]
+    keep = {"invariant": ["label"], "content": ["label", "shared"]}
+    keep["all"] = ["label", "shared", "env"]
+    for name, kept in keep.items():
+        # the head reads the kept parts; the others are zeroed, the same width for all
+        mask = torch.cat(
+            [torch.full((width,), float(p in kept)) for p in ("label", "shared", "env")]
+        )
+        feats = torch.cat([parts[p] for p in ("label", "shared", "env")], 1)
+        test_feats = torch.cat([test_parts[p] for p in ("label", "shared", "env")], 1)
+        prior = finetune_head(feats * mask, y, torch.zeros(10, 3 * width), torch.zeros(10), 1e-3)
+        for row in _accuracy_rows(
+            test_feats, yt, {name: torch.diag(mask)}, prior, draws, seed, sizes
+        ):
+            row["method"] = f"{label}: {name}"
+            yield row
+
+
 def digits_rows(seed: int, quick: bool, features: str):
     """Target accuracy on digit domains for the statistics route or ProjectionNet."""
     torch.manual_seed(seeding.derive(seed, "torch"))  # benchmark process only; no library draw
@@ -185,23 +210,38 @@ def digits_rows(seed: int, quick: bool, features: str):
                 epochs,
                 seed,
             )
-            with torch.no_grad():
-                parts, test_parts = net.parts(x), net.parts(xt)
-            keep = {"invariant": ["label"], "content": ["label", "shared"]}
-            keep["all"] = ["label", "shared", "env"]
-            for name, kept in keep.items():
-                # the head reads the kept parts; the others are zeroed, the same width for all
-                mask = torch.cat(
-                    [torch.full((64,), float(p in kept)) for p in ("label", "shared", "env")]
-                )
-                feats = torch.cat([parts[p] for p in ("label", "shared", "env")], 1)
-                test_feats = torch.cat([test_parts[p] for p in ("label", "shared", "env")], 1)
-                prior = finetune_head(feats * mask, y, torch.zeros(10, 192), torch.zeros(10), 1e-3)
-                for row in _accuracy_rows(
-                    test_feats, yt, {name: torch.diag(mask)}, prior, draws, seed, sizes
-                ):
-                    row["method"] = f"projectionnet{'' if orth else ' (no orthogonality)'}: {name}"
-                    yield row
+            label = f"projectionnet{'' if orth else ' (no orthogonality)'}"
+            yield from _projection_rows(net, label, x, y, xt, yt, draws, seed, sizes)
+        return
+    if features == "projectionnet_federated":
+        # the shipped experiment: FedAvg over the 8 source-domain clients, 40 rounds
+        exp = config.load(
+            _bench.REPO / "simulations/projectionnet.toml",
+            [
+                f"seed={seed}",
+                f"data.seed={seed}",
+                f"data.examples_per_domain={per}",
+                f"rounds={8 if quick else 40}",
+                "observe.rounds=[1]",
+                "attacks=[]",
+            ],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            store = pipeline.run(exp, Path(tmp) / "run")
+            net = exp.build_model()
+            net.load_state_dict(store.model())
+        data = exp.dataset()  # the pipeline's inputs: normalised once
+        yield from _projection_rows(
+            net,
+            "projectionnet (federated)",
+            data.train.inputs,
+            data.train.labels,
+            data.test.inputs,
+            data.test.labels,
+            draws,
+            seed,
+            sizes,
+        )
         return
     if features == "mlp":
         with seeding.isolated(seed, "mlp"):
@@ -351,7 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     measured = _bench.commit()
     seeds = range(1 if args.quick else args.seeds)
     jobs = [("planted", "rotated Gaussian", s) for s in seeds]
-    jobs += [("digits", f, s) for s in seeds for f in ("pixels", "mlp", "projectionnet")]
+    jobs += [
+        ("digits", f, s)
+        for s in seeds
+        for f in ("pixels", "mlp", "projectionnet", "projectionnet_federated")
+    ]
     for part, features, seed in jobs:
         if (part, features, str(seed)) in done:
             continue
