@@ -77,15 +77,27 @@ def wait_for(path: Path, text: str, count: int, timeout: float) -> None:
     )
 
 
-@pytest.mark.parametrize("secure", ["none", "secaggplus"])
-def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_offline, secure):
+DEPLOYED = {
+    "none": {},
+    "secaggplus": {"defenses": [{"name": "secure_aggregation", "protocol": "secaggplus"}]},
+    # a server strategy whose clients answer its instructions with messages, not a model
+    "zo_newton": {
+        "training": {"name": "zo_query", "parameters": ["3.bias"]},
+        "server": {"name": "zo_newton", "parameters": ["3.bias"], "budget": 400},
+        "attacks": [],
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(DEPLOYED))
+def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_offline, case):
     """SuperLink + 2 SuperNodes over loopback; `flwr run` via the deployment runner.
 
     With ``secaggplus`` the nodes run Flower's SecAgg+ (four round trips, a ClientApp process
-    per message, the protocol's state kept by the SuperNodes between them).
+    per message, the protocol's state kept by the SuperNodes between them); with ``zo_newton``
+    the server's points travel to the nodes and their losses come back as messages.
     """
-    defenses = [] if secure == "none" else [{"name": "secure_aggregation", "protocol": secure}]
-    name = f"fedleak-test-{secure}"
+    name = f"fedleak-test-{case}"
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     logs, procs = tmp_path / "logs", []
@@ -132,8 +144,8 @@ def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_o
             clients=2,
             rounds=1,
             observe={"rounds": [1]},
-            defenses=defenses,
             runner={"name": "deployment", "federation": name, "timeout": 900},
+            **DEPLOYED[case],
         )
         store = pipeline.run(config.load(spec), tmp_path / "run")
     finally:
@@ -146,10 +158,14 @@ def test_deployment_engine_superlink_and_two_supernodes(tmp_path, tiny, flower_o
     # the ServerApp ran in its own process and reached the same numbers as the in-process run
     spec.pop("runner")
     local = pipeline.run(config.load(spec), tmp_path / "local")
-    if secure == "none":
+    if case != "secaggplus":
         assert sorted(store.observed()) == [(1, 0), (1, 1)]
-        assert len(store.rows("results.csv")) == 2
+        assert len(store.rows("results.csv")) == 2 * len(spec["attacks"])
         same_run_directory(store.root, local.root)
+        exp = config.load(spec)
+        for a, b in zip(store.views(exp), local.views(exp), strict=True):
+            assert set(a.messages) == set(b.messages) == _declared(exp)
+            assert all(torch.equal(a.messages[k], b.messages[k]) for k in a.messages)
     else:  # one aggregate view, equal up to SecAgg+'s stochastic quantisation
         assert store.observed() == local.observed() == [(1, -1)]
         exp = config.load(spec)
