@@ -13,10 +13,10 @@ step on a batch of ``--batch`` examples (default 1, the attacker's best case), r
 20-client federation, the first ``--clients`` sampled clients (default 3).  Rows: plain
 ``sgd`` (the exact gradient: the attacks' ceiling), then ``mezo`` with n in 1 .. 50,000, then
 n = 10,000 with noise std 0.1, 1 and 10 on each scalar.  Attacks: DLG (joint labels, 100
-L-BFGS steps) and inverting gradients (cosine, 1,000 steps, tv 0: see ATTACK_SPECS).  Columns: PSNR / SSIM / label
-accuracy of the reconstruction (``fedleak.metrics``), the cosine and relative error of the
-server's gradient estimate against the true mini-batch gradient, and the bytes the client
-sent (its messages, or its float32 model for sgd).
+L-BFGS steps) and inverting gradients (cosine, 1,000 steps, tv 0: see ATTACK_SPECS).
+Columns: PSNR / SSIM / label accuracy of the reconstruction (``fedleak.metrics``), the cosine
+and relative error of the server's gradient estimate against the true mini-batch gradient, and
+the bytes the client sent (its messages, or its float32 model for sgd).
 
     nice -n 5 .venv/bin/python simulations/benchmarks/training_strategies/zo_attack.py
     ... --quick   # n <= 100, one client, 20-step attacks, into a temporary folder
