@@ -211,8 +211,12 @@ def page(summary: pd.DataFrame, runs: pd.DataFrame, args) -> str:
         "practical MeZO client (1-10 per step) leave DLG at its floor, but DLG recovers the "
         "single example's label from 10 scalars on. Gaussian noise on the scalars changes "
         "nothing up to std 1 (the scalars are ~|grad| = 4.4 in size) and brings DLG back to "
-        "its floor at std 10 (estimate cosine 0.41). Inverting gradients at 300 steps fails "
-        "even on the exact gradient here (8.8 dB): its column measures the budget, not ZO.",
+        "its floor at std 10 (estimate cosine 0.41). Inverting gradients, at its measured "
+        "working setting (no TV prior; the default 0.2 held it at 8.7 dB even on the exact "
+        "gradient), reaches 69 dB on the exact gradient and tells the same story on every "
+        "client, including the one DLG cannot attack: 5-6 dB up to n = 100, 7.2 dB at "
+        "n = 1,000, 14.9 dB (SSIM 0.85) at n = 10,000 and 20.9 dB (SSIM 0.97: the digit "
+        "recovered) at n = 50,000; noise std 10 brings it down to 9.1 dB.",
     ]
     return "\n".join(lines) + "\n"
 
