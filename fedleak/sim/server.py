@@ -50,6 +50,8 @@ from fedleak.store import RunStore
 
 log = logging.getLogger("fedleak")
 
+NODE_WAIT = 120.0  # seconds the first round waits for the simulation's nodes to register
+
 
 class _Participants(Grid):
     """A view of a grid that exposes only this round's sampled nodes to the inner strategy."""
@@ -183,11 +185,16 @@ class Observed(Strategy):
         if self.discover:
             nodes = self.nodes(grid)
             return {nodes[c]: c for c in clients}
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) < len(clients):
-            raise RuntimeError(
-                f"{len(node_ids)} nodes are connected, but {len(clients)} clients are sampled"
-            )
+        # Ray's virtual nodes register while the server thread starts; on a loaded machine
+        # the first round can begin before they all have (seen: 0 of 10 connected).
+        deadline = time.monotonic() + NODE_WAIT
+        while len(node_ids := sorted(grid.get_node_ids())) < len(clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(node_ids)} nodes are connected after {NODE_WAIT:.0f} s, but "
+                    f"{len(clients)} clients are sampled"
+                )
+            time.sleep(0.2)
         return dict(zip(node_ids, clients, strict=False))
 
     def plan(

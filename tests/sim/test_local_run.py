@@ -248,3 +248,21 @@ def test_secaggplus_refuses_bad_protocols_and_rounds_it_would_skip(tiny):
     ]:
         with pytest.raises(config.ConfigError, match=message):
             config.load(tiny(defenses=[{**secure, option: value}]))
+
+
+def test_the_first_round_waits_for_nodes_that_register_late(tmp_path, tiny, monkeypatch):
+    """Ray's nodes register while the server starts: placing clients waits for them."""
+    from fedleak.sim import server
+
+    class LateGrid:
+        calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return [] if self.calls < 3 else [11, 12, 13]
+
+    observed = server.Observed(None, config.load(tiny()), RunStore(tmp_path), discover=False)
+    assert observed._place([2, 0], LateGrid()) == {11: 2, 12: 0}
+    monkeypatch.setattr(server, "NODE_WAIT", 0.3)
+    with pytest.raises(RuntimeError, match="0 nodes are connected after 0 s"):
+        observed._place([2, 0], type("Empty", (), {"get_node_ids": lambda self: []})())
