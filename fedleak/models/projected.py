@@ -62,11 +62,7 @@ class ProjectedMLP:
 
     def __call__(self, task: Task) -> nn.Module:
         """The network for ``task``'s input size and classes."""
-        widths = (math.prod(task.input_shape), *self.hidden)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for inputs, outputs in itertools.pairwise(widths):
-            layers += [nn.Linear(inputs, outputs), _layers.ACTIVATIONS[self.activation]()]
-        return Projected(nn.Sequential(*layers), widths[-1], task.num_classes)
+        return Projected(*_encoder(task, self.hidden, self.activation), task.num_classes)
 
 
 class ProjectionNet(nn.Module):
@@ -113,8 +109,14 @@ class ProjectionNetModel:
 
     def __call__(self, task: Task) -> nn.Module:
         """The network for ``task``'s input size and classes."""
-        widths = (math.prod(task.input_shape), *self.hidden)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for inputs, outputs in itertools.pairwise(widths):
-            layers += [nn.Linear(inputs, outputs), _layers.ACTIVATIONS[self.activation]()]
-        return ProjectionNet(nn.Sequential(*layers), widths[-1], task.num_classes, self.domains)
+        encoder, width = _encoder(task, self.hidden, self.activation)
+        return ProjectionNet(encoder, width, task.num_classes, self.domains)
+
+
+def _encoder(task: Task, hidden: tuple[int, ...], activation: str) -> tuple[nn.Module, int]:
+    """The MLP encoder of both networks, and its feature width."""
+    widths = (math.prod(task.input_shape), *hidden)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for inputs, outputs in itertools.pairwise(widths):
+        layers += [nn.Linear(inputs, outputs), _layers.ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers), widths[-1]
