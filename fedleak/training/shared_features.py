@@ -184,7 +184,9 @@ class ProjectionNetTrainer(SGD):
     ) -> TrainResult:
         """Train ``model`` in place for one round; the data's group ids are the domain ids."""
         if defenses:
-            raise ValueError(f"projectionnet: training defenses do not apply; {self.defend_with}")
+            raise ValueError(
+                f"projectionnet: training defenses do not apply; use {self.defend_with}"
+            )
         domains = model.domain_head.out_features
         if data.groups is None:
             raise ValueError(
