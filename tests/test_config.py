@@ -169,7 +169,8 @@ def test_trainers_without_sgd_steps_refuse_training_defenses_at_load(tiny, train
         config.load(spec)
 
 
-def test_generated_data_this_machine_cannot_hold_is_refused_before_generating(tiny):
+def test_generated_data_this_machine_cannot_hold_is_refused_before_generating(tiny, monkeypatch):
+    monkeypatch.setattr(config, "_memory", lambda: 24 * 2**30)  # a 24 GiB machine
     exp = config.load(tiny(data={"name": "digit_domains", "domains": 10**6}))
-    with pytest.raises(ConfigError, match=r"200,000,000 examples.*generate fewer"):
+    with pytest.raises(ConfigError, match=r"200,000,000 examples.*has 24 GiB; generate fewer"):
         exp.check()
