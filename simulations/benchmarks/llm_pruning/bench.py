@@ -359,13 +359,14 @@ NOTES = """## Notes
   post-pruning refit of o / down on the kept channels.  Variants tried (rows "GOA no refit",
   "GOA closed-form", "GOA data-free"): at 10 %, where no head goes (0 of 9 per block after
   GQA rounding) and only FFN channels are removed, the refit is what costs GOA: 81.45 with it,
-  60.95 without (FLAP 60.79, Wanda-sp 61.28), 88.96 with the paper's closed-form score; at
+  60.95 without (FLAP 60.79, Wanda-sp 61.28), 88.96 with the paper's closed-form score
+  (108.10 / 127.54 at 20 / 30 %: the empirical default is better at every ratio); at
   20 %, where three heads per block go, the refit is what makes GOA work: 97.23 with it, 202.08
-  without.  So the ridge refit on 8,192 tokens repairs the large damage of head removal but
-  adds more error than it removes when the damage is small; a refit gated on the damage (or
-  more calibration tokens) is the untested next step.  Self-generated calibration (data-free)
-  costs 37 % / 43 % perplexity at 20 / 30 %.  The notes' earlier probe (FFN only, license text,
-  4k tokens) had GOA's full pipeline 54.4 against FLAP's 53.4.
+  without (30 %: 109.75 and 231.79).  So the ridge refit on 8,192 tokens repairs the large
+  damage of head removal but adds more error than it removes when the damage is small; a refit
+  gated on the damage (or more calibration tokens) is the untested next step.  Self-generated
+  calibration (data-free) costs 37 % / 43 % perplexity at 20 / 30 %.  The notes' earlier probe
+  (FFN only, license text, 4k tokens) had GOA's full pipeline 54.4 against FLAP's 53.4.
 * **torch-pruning** 1.6.1 was tried for the physical removal and not used: with
   `num_heads` / `prune_num_heads` its `MetaPruner` failed on a tiny HF BERT (IndexError in
   `ops.OutputPruner`) and had not returned on a tiny 2-block GQA Llama after 900 s (see
