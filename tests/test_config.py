@@ -169,6 +169,17 @@ def test_trainers_without_sgd_steps_refuse_training_defenses_at_load(tiny, train
         config.load(spec)
 
 
+@pytest.mark.parametrize(
+    "trainer", [n for n in TRAINERS.names() if getattr(TRAINERS[n], "defend_with", None)]
+)
+def test_their_fit_refuses_training_defenses_handed_to_it_directly(trainer):
+    from fedleak.defenses import DEFENSES
+
+    plugin = TRAINERS[trainer](**REQUIRED.get(trainer, {}))
+    with pytest.raises(ValueError, match=f"{trainer}: training defenses do not apply"):
+        plugin.fit(None, None, None, None, defenses=(DEFENSES["dpsgd"](),))
+
+
 def test_generated_data_this_machine_cannot_hold_is_refused_before_generating(tiny, monkeypatch):
     monkeypatch.setattr(config, "_memory", lambda: 24 * 2**30)  # a 24 GiB machine
     exp = config.load(tiny(data={"name": "digit_domains", "domains": 10**6}))

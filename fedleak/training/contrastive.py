@@ -43,7 +43,7 @@ from fedleak.core import (
     TrainResult,
     set_batch_norm,
 )
-from fedleak.training import TRAINERS
+from fedleak.training import TRAINERS, refuse_training_defenses
 from fedleak.training.sgd import SGD, _first_use
 
 
@@ -118,8 +118,7 @@ class Contrastive(SGD):
         instructions: Messages | None = None,
     ) -> TrainResult:
         """Train ``model`` in place for one round of contrastive steps; sends nothing extra."""
-        if defenses:
-            raise ValueError(f"contrastive: training defenses do not apply; use {self.defend_with}")
+        refuse_training_defenses(self, defenses)
         if not len(data):
             raise ValueError("contrastive: the client has no examples to train on")
         if self.optimizer == "adam":

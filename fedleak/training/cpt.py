@@ -45,7 +45,7 @@ from fedleak.robust import baselines
 from fedleak.robust.block import block_names
 from fedleak.robust.epo import epo_weights, preference_vector
 from fedleak.robust.groups import group_gradients, group_losses
-from fedleak.training import TRAINERS
+from fedleak.training import TRAINERS, refuse_training_defenses
 from fedleak.training.sgd import SGD
 
 METHODS = ("epo", "erm", "reweight", "groupdro")
@@ -129,8 +129,7 @@ class CPT(SGD):
         instructions: Messages | None = None,
     ) -> TrainResult:
         """One round of group-robust training of the block; sends the group losses and mix."""
-        if defenses:
-            raise ValueError(f"cpt: training defenses do not apply to it; use {self.defend_with}")
+        refuse_training_defenses(self, defenses)
         if self.groups == "labels":
             groups = data.labels
             with torch.no_grad():  # one group per class: the model's output width

@@ -44,7 +44,7 @@ from fedleak.core import (
     TrainResult,
 )
 from fedleak.server.shared_features import correlation, covariance, least_squares_head
-from fedleak.training import TRAINERS
+from fedleak.training import TRAINERS, refuse_training_defenses
 from fedleak.training.sgd import SGD
 
 
@@ -183,10 +183,7 @@ class ProjectionNetTrainer(SGD):
         instructions: Messages | None = None,
     ) -> TrainResult:
         """Train ``model`` in place for one round; the data's group ids are the domain ids."""
-        if defenses:
-            raise ValueError(
-                f"projectionnet: training defenses do not apply; use {self.defend_with}"
-            )
+        refuse_training_defenses(self, defenses)
         domains = model.domain_head.out_features
         if data.groups is None:
             raise ValueError(

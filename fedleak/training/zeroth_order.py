@@ -52,7 +52,7 @@ from fedleak.core import (
     TrainResult,
     set_batch_norm,
 )
-from fedleak.training import TRAINERS
+from fedleak.training import TRAINERS, refuse_training_defenses
 from fedleak.training.sgd import SGD, _first_use
 
 SEED_HIGH = 2**62  # step seeds are drawn in [0, 2^62): int64 on the wire, any torch seed
@@ -125,8 +125,7 @@ class MeZO:
         instructions: Messages | None = None,
     ) -> TrainResult:
         """Train ``model`` in place by zeroth-order steps; the messages rebuild its state."""
-        if defenses:
-            raise ValueError(f"mezo: training defenses do not apply to it; use {self.defend_with}")
+        refuse_training_defenses(self, defenses)
         if not len(data):
             raise ValueError("mezo: the client has no examples to train on")
         batches = self._sgd.batches(data, rng)
@@ -262,8 +261,7 @@ class ZOQuery:
         instructions: Messages | None = None,
     ) -> TrainResult:
         """The losses at ``instructions["points"]``; the model is left as received."""
-        if defenses:
-            raise ValueError(f"zo_query: training defenses do not apply; use {self.defend_with}")
+        refuse_training_defenses(self, defenses)
         if not len(data):
             raise ValueError("zo_query: the client has no examples to evaluate")
         points = (instructions or {}).get("points")
