@@ -140,6 +140,25 @@ def test_committed_vision_tables_regenerate_from_their_runs(tmp_path, monkeypatc
     assert _section(page, "| attack |", "(± the") == _section(committed, "| attack |", "(± the")
 
 
+def test_literature_verdict_checks_that_settings_targets(monkeypatch, data_root):
+    """The literature page judges its own criteria (best attack at B = 1, IG over the mean
+    colour), not the train-mode page's 25 dB for IG, and names the cells it did not run."""
+    script = _script("vision_attacks", monkeypatch)
+    folder = COMMITTED / "vision_literature"
+    rows = results.read(folder / script.RUNS)
+    cfg = script.settings(script.HERE / "vision_literature.toml", data_root=str(data_root))
+    summary = script.summarise(rows, cfg)
+    images, _, _ = script.load_images(cfg)
+    no_attack = script.no_attack_scores(cfg, images)
+    lines = script.verdict(summary, rows, cfg, {b: s["psnr"] for b, s in no_attack.items()})
+    assert lines[0].startswith("- best honest optimisation attack at B = 1, untrained: dlg ")
+    assert "B = 1: +7.47, B = 4: +3.89 dB (target: >= +5 dB)" in lines[1]
+    assert not any("target >= 25" in line for line in lines)
+    assert "inverting_gradients (untrained) at B = 16" in script.not_run(summary, cfg)
+    page = (folder / script.PAGE).read_text()
+    assert all(line in page for line in lines)
+
+
 def test_committed_text_tables_regenerate_from_their_runs(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     script = _script("text_attacks", monkeypatch)
