@@ -22,15 +22,32 @@ Settings (CPU-sized; the papers use BERT-base/large on the full data sets):
   solver (the authors' exact OBC takes 3.6 min for one 384 × 384 layer on one thread here, so the
   whole model was out of reach); SparseGPT = the same loop without refit, one Hessian per block;
   magnitude = per-matrix |w| top-k;
-* evaluation: `dev_accuracy` on all 436 sentences of `sst2_dev_first436.tsv`; the attack on its
-  first 80: `fedleak.robustness.word_substitution` (TextFooler-style, offline: 50 nearest whole
-  words in MiniLM's input embeddings with cosine >= 0.4, MiniLM sentence cosine >= 0.8, coarse
-  POS filter, stop words kept, at most 5 words and 30 % of the sentence changed).  `clean` is the
-  accuracy on those 80, `aua` the accuracy under attack, `asr` = successes / correctly
-  classified, `perturbed` the mean % of words changed in successful examples, `queries` the
-  mean victim queries per attacked sentence.  TextAttack's own TextFooler recipe cannot run
-  here (it downloads its embeddings, the Universal Sentence Encoder and NLTK's tagger at run
-  time): see `fedleak/robustness/__init__.py`.
+* evaluation: `dev_accuracy` on all 436 sentences of `sst2_dev_first436.tsv`, the attack on
+  the same 436 (the first run: their first 80): `fedleak.robustness.word_substitution`
+  (TextFooler-style, offline: 50 nearest whole words in MiniLM's input embeddings with cosine
+  >= 0.4, MiniLM sentence cosine >= 0.8, coarse POS filter, stop words kept, at most 5 words and
+  30 % of the sentence changed).  `clean` is the accuracy on the attacked sentences, `aua` the
+  accuracy under attack, `asr` = successes / correctly classified, `perturbed` the mean % of
+  words changed in successful examples, `queries` the mean victim queries per attacked sentence.
+  TextAttack's own TextFooler recipe cannot run here (it downloads its embeddings, the Universal
+  Sentence Encoder and NLTK's tagger at run time): see `fedleak/robustness/__init__.py`.
+"""
+
+B_SETTINGS = """\
+Schedule 50 -> 70 -> 90 %, distillation from the dense model (soft cross-entropy on logits, AdamW
+lr 2e-4, batch 16, the mask re-applied after every step).  `randomized`: 3 candidates per stage at
+randomness levels 1e-5 / 5e-5 / 2e-4 (draws = (n - k) · r per matrix, p ∝ |w|^5), each distilled
+`quick` steps from the stage's start and scored on 128 held-out training sentences (`early_*`:
+their spread), the best then distilled `full` steps; `deterministic` (IMP): the magnitude mask.
+Two budget protocols: `equal` (quick 8, full 16) gives IMP as many steps per stage as randomized's
+candidates and winner together (3 × 8 + 16 = 40), so exploring costs randomized training;
+`paper` (quick 16, full 64) gives IMP the winner's steps only (64 vs 3 × 16 + 64 = 112), as the
+authors compare (`experiment.py` against `experiment_soups_quickcall.py`: candidate evaluation is
+overhead on top of the same training).  `heldout`: accuracy on the held-out split after the stage;
+`dev_accuracy` (`dev_*`) on the 436 dev sentences after the last stage; `distance_mean`: mean
+Hamming distance of the candidates to the magnitude mask.  A seed draws the masks, the order of
+the distillation batches and the dropout; both methods share it.
+
 """
 
 
@@ -82,62 +99,10 @@ def write_page(out: Path) -> str:
     parts = ["# Robust and randomized pruning of MiniLM on SST-2\n", SETTINGS]
     oneshot = out / "oneshot_runs.csv"
     if oneshot.is_file():
-        frame = pd.read_csv(oneshot)
-        frame["sparsity"] = (100 * frame["sparsity"]).round().astype(int)
-        frame = frame.sort_values(["sparsity", "method"])
-        parts.append("## (a) One-shot pruning: accuracy and robustness\n")
-        parts.append(
-            _table(
-                frame,
-                [
-                    "sparsity",
-                    "method",
-                    "dev_accuracy",
-                    "clean",
-                    "aua",
-                    "asr",
-                    "perturbed",
-                    "queries",
-                    "prune_seconds",
-                ],
-            )
-        )
-        parts.append(f"\nProvenance: {_bench.provenance(_stamped(frame))}.\n")
+        parts.append(_oneshot(pd.read_csv(oneshot)))
     rand = out / "randomized_runs.csv"
     if rand.is_file():
-        frame = pd.read_csv(rand)
-        frame["sparsity"] = (100 * frame["sparsity"]).round().astype(int)
-        parts.append("\n## (b) Iterative pruning: randomized masks vs the deterministic mask\n")
-        parts.append(
-            "Schedule 50 -> 70 -> 90 %, distillation from the dense model (soft cross-entropy on "
-            "logits, AdamW lr 2e-4, batch 16, the mask re-applied after every step).  "
-            "`randomized`: 3 candidates per stage at randomness levels 1e-5 / 5e-5 / 2e-4 "
-            "(draws = (n - k) · r per matrix, p ∝ |w|^5), each distilled 8 steps from the stage's "
-            "start and scored on 128 held-out training sentences (`early_*`: their spread), the "
-            "best then distilled 16 steps; `deterministic` (IMP): the magnitude mask distilled "
-            "3 × 8 + 16 = 40 steps per stage, the same budget.  `heldout`: accuracy on the "
-            "held-out split after the stage; `dev_accuracy` after the last stage; "
-            "`distance_mean`: mean Hamming distance of the candidates to the magnitude mask.\n\n"
-        )
-        parts.append(
-            _table(
-                frame,
-                [
-                    "method",
-                    "stage",
-                    "sparsity",
-                    "steps",
-                    "candidates",
-                    "early_min",
-                    "early_max",
-                    "early_std",
-                    "distance_mean",
-                    "heldout",
-                    "dev_accuracy",
-                ],
-            )
-        )
-        parts.append(f"\nProvenance: {_bench.provenance(_stamped(frame))}.\n")
+        parts.append(_randomized(pd.read_csv(rand)))
     fed = out / "federated_runs.csv"
     if fed.is_file():
         frame = pd.read_csv(fed)
@@ -180,6 +145,136 @@ def write_page(out: Path) -> str:
     text = "\n".join(parts)
     _bench.atomic(out / "robust_pruning.md", text)
     return text
+
+
+def _oneshot(frame: pd.DataFrame) -> str:
+    """Part (a): the rows of the largest attack set, the earlier smaller run beside them."""
+    frame["sparsity"] = (100 * frame["sparsity"]).round().astype(int)
+    frame = frame.sort_values(["sparsity", "method"])
+    n = int(frame["attacked"].max())
+    main = frame[frame["attacked"] == n].copy()
+    # Binomial standard error of the accuracy under attack, in points, for n sentences.
+    p = main["aua"] / 100
+    main["aua_se"] = 100 * (p * (1 - p) / n) ** 0.5
+    text = ["## (a) One-shot pruning: accuracy and robustness\n"]
+    text.append(
+        f"The attack on the first {n} dev sentences (`aua_se`: its binomial standard error).\n"
+    )
+    text.append(
+        _table(
+            main,
+            [
+                "sparsity",
+                "method",
+                "dev_accuracy",
+                "clean",
+                "aua",
+                "aua_se",
+                "asr",
+                "perturbed",
+                "queries",
+                "prune_seconds",
+            ],
+        )
+    )
+    gaps = []
+    for sparsity, cell in main[main["sparsity"] >= 50].groupby("sparsity"):
+        aua = cell.set_index("method")["aua"]
+        if {"krp", "sparsegpt", "magnitude"} <= set(aua.index):
+            gap = aua["krp"] - max(aua["sparsegpt"], aua["magnitude"])
+            gaps.append(f"{sparsity} %: {gap:+.1f}")
+    if gaps:
+        text.append(
+            "\nKRP's accuracy under attack minus the better of SparseGPT and magnitude: "
+            + ", ".join(gaps)
+            + " points.\n"
+        )
+    text.append(f"\nProvenance: {_bench.provenance(_stamped(main))}.\n")
+    earlier = frame[frame["attacked"] < n]
+    for m, run in earlier.groupby("attacked"):
+        text.append(f"\nThe first run, on the first {m} of those sentences (same pruned models):\n")
+        text.append(_table(run, ["sparsity", "method", "dev_accuracy", "clean", "aua", "asr"]))
+    return "\n".join(text)
+
+
+def _randomized(frame: pd.DataFrame) -> str:
+    """Part (b): every seed's stages, then the mean and spread over seeds."""
+    frame["sparsity"] = (100 * frame["sparsity"]).round().astype(int)
+    frame = frame.sort_values(
+        ["protocol", "method", "seed", "stage"], ascending=[True, False, True, True]
+    )
+    seeds = frame["seed"].nunique()
+    text = ["\n## (b) Iterative pruning: randomized masks vs the deterministic mask\n"]
+    text.append(B_SETTINGS)
+    summary = (
+        frame.groupby(["protocol", "method", "stage", "sparsity"], sort=False)
+        .agg(
+            steps=("steps", "first"),
+            seeds=("seed", "nunique"),
+            heldout_mean=("heldout", "mean"),
+            heldout_std=("heldout", lambda x: x.std(ddof=0)),
+            early_spread=("early_std", "mean"),
+            dev_mean=("dev_accuracy", "mean"),
+            dev_std=("dev_accuracy", lambda x: x.std(ddof=0)),
+        )
+        .reset_index()
+    )
+    summary["seeds"] = summary["seeds"].astype(str)
+    text.append(
+        f"Mean and spread (std) over {seeds} seed(s); `early_spread`: the mean std of the "
+        "candidates' early scores within a stage.\n"
+    )
+    text.append(
+        _table(
+            summary,
+            [
+                "protocol",
+                "method",
+                "stage",
+                "sparsity",
+                "steps",
+                "seeds",
+                "heldout_mean",
+                "heldout_std",
+                "early_spread",
+                "dev_mean",
+                "dev_std",
+            ],
+        )
+    )
+    last = frame[frame["stage"] == frame["stage"].max()]
+    for protocol, run in last.groupby("protocol"):
+        by_seed = run.pivot(index="seed", columns="method", values="dev_accuracy")
+        if {"randomized", "deterministic"} <= set(by_seed.columns):
+            diff = (by_seed["randomized"] - by_seed["deterministic"]).dropna()
+            text.append(
+                f"\nAt {run['sparsity'].max()} %, protocol `{protocol}`, randomized minus "
+                f"deterministic dev accuracy per seed: {', '.join(f'{d:+.1f}' for d in diff)} "
+                f"(mean {diff.mean():+.1f}).\n"
+            )
+    text.append("\nEvery seed and stage:\n")
+    text.append(
+        _table(
+            frame,
+            [
+                "protocol",
+                "method",
+                "seed",
+                "stage",
+                "sparsity",
+                "steps",
+                "candidates",
+                "early_min",
+                "early_max",
+                "early_std",
+                "distance_mean",
+                "heldout",
+                "dev_accuracy",
+            ],
+        )
+    )
+    text.append(f"\nProvenance: {_bench.provenance(_stamped(frame))}.\n")
+    return "\n".join(text)
 
 
 def _stamped(frame: pd.DataFrame) -> pd.DataFrame:

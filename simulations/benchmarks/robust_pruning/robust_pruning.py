@@ -78,6 +78,8 @@ ONESHOT = [
 ]
 RANDOMIZED = [
     "method",
+    "protocol",
+    "seed",
     "stage",
     "sparsity",
     "steps",
@@ -199,8 +201,11 @@ def oneshot(args) -> None:
     ]
     for method, sparsity in cells:
         # Read before every cell: another worker may share the runs file (disjoint cells).
-        done = {(r["method"], float(r["sparsity"])) for r in _bench.read_rows(runs)}
-        if (method, sparsity) in done:
+        # A cell is done for one attack-set size: the 80-sentence rows of the first run stay.
+        done = {
+            (r["method"], float(r["sparsity"]), int(r["attacked"])) for r in _bench.read_rows(runs)
+        }
+        if (method, sparsity, len(setup.attack_set[0])) in done:
             continue
         model, prune_seconds = prune_oneshot(setup, method, sparsity)
         report, attack_seconds = setup.robustness(model)
@@ -223,14 +228,23 @@ def oneshot(args) -> None:
 
 def randomized_part(args) -> None:
     runs = args.out / "randomized_runs.csv"
-    done = {r["method"] for r in _bench.read_rows(runs) if int(r["stage"]) == len(args.schedule)}
+    done = {
+        (r["method"], r["protocol"], int(r["seed"]))
+        for r in _bench.read_rows(runs)
+        if int(r["stage"]) == len(args.schedule)
+    }
     setup = Setup(args)
     measured = _bench.commit()
     teacher = setup.dense
     ids = setup.train[0]
-    batches = [ids[s : s + 16] for s in range(0, len(ids), 16)]
+    # The seed draws the masks, the order of the distillation batches and the dropout.
+    order = torch.randperm(len(ids), generator=seeding.rng(args.seed, "robust_pruning", "order"))
+    batches = [ids[order[s : s + 16]] for s in range(0, len(ids), 16)]
     names = [f"{n}.weight" for n in krp.prunable(teacher)]
     n_cand = args.candidates
+    # "equal": IMP trains as many steps per stage as the candidates and the winner together;
+    # "paper": IMP trains as many as the winner (the authors' experiment.py), selection is extra.
+    imp_steps = args.full + (n_cand * args.quick if args.protocol == "equal" else 0)
 
     def train(model, masks, steps):
         randomized.distill(model, teacher, batches, masks, steps, lr=args.lr)
@@ -247,30 +261,33 @@ def randomized_part(args) -> None:
         "deterministic": (
             lambda w, s, rng: randomized.magnitude_candidates(w, s),
             0,
-            n_cand * args.quick + args.full,
+            imp_steps,
         ),
     }
     for method, (make, quick, full) in methods.items():
-        if method in done or method not in args.methods:
+        if (method, args.protocol, args.seed) in done or method not in args.methods:
             continue
-        rng = seeding.rng(0, "robust_pruning", "masks")
+        rng = seeding.rng(args.seed, "robust_pruning", "masks")
         model = copy.deepcopy(teacher)
         start = time.perf_counter()
-        _, stages = randomized.iterative_prune(
-            model,
-            names,
-            args.schedule,
-            lambda w, s, make=make, rng=rng: make(w, s, rng),
-            train,
-            evaluate,
-            quick,
-            full,
-        )
+        with seeding.isolated(args.seed, "robust_pruning", "dropout"):
+            _, stages = randomized.iterative_prune(
+                model,
+                names,
+                args.schedule,
+                lambda w, s, make=make, rng=rng: make(w, s, rng),
+                train,
+                evaluate,
+                quick,
+                full,
+            )
         # The stages' rows come out together: the loop owns the model between stages.
         for i, stage in enumerate(stages, 1):
             scores = pd.Series(stage.scores, dtype=float)
             row = {
                 "method": method,
+                "protocol": args.protocol,
+                "seed": args.seed,
                 "stage": i,
                 "sparsity": stage.sparsity,
                 "steps": len(stage.scores) * quick + full,
@@ -304,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=128)
-    parser.add_argument("--attacked", type=int, default=80)
+    parser.add_argument("--attacked", type=int, default=436)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--schedule", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--candidates", type=int, default=3)
@@ -313,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", type=int, default=8)
     parser.add_argument("--full", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0, help="part (b)'s seed")
+    parser.add_argument(
+        "--protocol",
+        choices=["equal", "paper"],
+        default="equal",
+        help="part (b): IMP's steps per stage = all of randomized's, or its winner's only",
+    )
     parser.add_argument(
         "--methods", nargs="+", default=["randomized", "deterministic"], help="part (b)'s methods"
     )
