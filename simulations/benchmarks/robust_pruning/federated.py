@@ -12,10 +12,11 @@ take one FedSGD step on 4 sentences (lr 0.03), then send
 The server widens the pooler (``hd`` 2,048) and runs LAMP and the pooler attack (50 steps
 each) on one client's round-1 update.  Columns: the global model's SST-2 dev accuracy after the
 round, the accuracy of the state the observed client sent, the attacks' ROUGE-1/2 (LAMP's
-convention) and token accuracy, and attack seconds.  Resumable per variant (a run directory
-under ``results/robust_pruning/runs/`` is not committed; the row is).
+convention) and token accuracy, and attack seconds.  Each ``--seeds`` value is the
+experiment's seed: other sampled clients, other batches, other masks.  Resumable per (variant,
+seed) (the run directories under ``~/.cache/fedleak`` are not committed; the rows are).
 
-    nice -n 5 .venv/bin/python simulations/benchmarks/robust_pruning/federated.py
+    nice -n 5 .venv/bin/python simulations/benchmarks/robust_pruning/federated.py --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fedleak import config, hf, pipeline
 
 FIELDS = [
     "variant",
+    "seed",
     "attack",
     "global_accuracy",
     "sent_accuracy",
@@ -73,18 +75,20 @@ def fine_tuned_folder(args) -> Path:
 
 def main() -> None:
     parser = build_parser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="experiment seeds")
     args = parser.parse_args(["oneshot", *sys.argv[1:]])
     torch.set_num_threads(1)
     runs = args.out / "federated_runs.csv"
-    done = {r["variant"] for r in _bench.read_rows(runs)}
+    done = {(r["variant"], int(r["seed"])) for r in _bench.read_rows(runs)}
     folder = fine_tuned_folder(args)
     root = args.data or os.environ.get("FEDLEAK_DATA_ROOT") or "/work/shared/data"
     os.environ["FEDLEAK_DATA_ROOT"] = root  # LAMP's n-gram prior reads WikiText-2 there
     measured = _bench.commit()
-    for variant, overrides in VARIANTS.items():
-        if variant in done:
+    for seed, (variant, overrides) in ((s, v) for s in args.seeds for v in VARIANTS.items()):
+        if (variant, seed) in done:
             continue
-        exp = _load(variant, [f"data.root={root}", f"model.path={folder}", *overrides])
+        options = [f"seed={seed}", f"data.root={root}", f"model.path={folder}", *overrides]
+        exp = _load(variant, options)
         out = CACHE / "federated" / variant  # run directories (views: ~90 MB each) stay out of git
         if out.exists():
             shutil.rmtree(out)  # a half-finished run: start it again
@@ -102,6 +106,7 @@ def main() -> None:
         for row in rows:
             out_row = {
                 "variant": variant,
+                "seed": seed,
                 "attack": row["attack"],
                 "global_accuracy": 100 * float(utility[-1]["test_accuracy"]),
                 "sent_accuracy": accuracy,

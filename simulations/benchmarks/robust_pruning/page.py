@@ -47,7 +47,21 @@ overhead on top of the same training).  `heldout`: accuracy on the held-out spli
 `dev_accuracy` (`dev_*`) on the 436 dev sentences after the last stage; `distance_mean`: mean
 Hamming distance of the candidates to the magnitude mask.  A seed draws the masks, the order of
 the distillation batches and the dropout; both methods share it.
+"""
 
+C_SETTINGS = """\
+`simulations/robust_pruning_federated.toml` from the fine-tuned MiniLM: 8 clients of 50 SST-2
+sentences (16 tokens), 2 per round, one FedSGD step on 4 sentences (lr 0.03); `dense` sends its
+state, `randomized` and `krp` prune 50 % of every encoder weight first (server: sparse_fedavg).
+The server widens the pooler (2,048 units) and attacks one client's round-1 update (LAMP and the
+pooler attack, 50 steps each, n-gram prior from WikiText-2); a seed is the experiment's (other
+sampled clients, batches and masks).  `global_accuracy`: the global model after the round on the
+436 dev sentences; `sent_accuracy` / `sent_sparsity`: of the state the observed client sent;
+ROUGE in LAMP's convention and token accuracy, in %.  Caveat: under the malicious server's
+widened pooler (random SELU rows feeding the classifier) every sent state predicts the majority
+class (52.3 % of the dev set), and the global model after one round of two clients is not far above:
+these utility columns say little about pruning; its utility cost on the honest model is what (a)
+measures.
 """
 
 
@@ -105,41 +119,7 @@ def write_page(out: Path) -> str:
         parts.append(_randomized(pd.read_csv(rand)))
     fed = out / "federated_runs.csv"
     if fed.is_file():
-        frame = pd.read_csv(fed)
-        parts.append("\n## (c) Pruning before sending as a defense (federated run)\n")
-        parts.append(
-            "`simulations/robust_pruning_federated.toml` from the fine-tuned MiniLM: 8 clients "
-            "of 50 SST-2 sentences (16 tokens), 2 per round, one FedSGD step on 4 sentences "
-            "(lr 0.03); `dense` sends its state, `randomized` and `krp` prune 50 % of every "
-            "encoder weight first (server: sparse_fedavg).  The server widens the pooler "
-            "(2,048 units) and attacks one client's round-1 update (LAMP and the pooler attack, "
-            "50 steps each, n-gram prior from WikiText-2).  `global_accuracy`: the global model "
-            "after the round on the 436 dev sentences; `sent_accuracy` / `sent_sparsity`: of the "
-            "state the observed client sent; ROUGE in LAMP's convention and token accuracy, in "
-            "%.  Caveat: under the malicious server's widened pooler (random SELU rows feeding "
-            "the classifier) every sent state predicts the majority class (52.3 % of the dev "
-            "set), and the global model after one round of two clients is at 54-66 %: these "
-            "utility columns say little about pruning; its utility cost on the honest model is "
-            "what (a) measures.  One attacked batch of 4 sentences per variant: no error bars."
-            "\n\n"
-        )
-        parts.append(
-            _table(
-                frame,
-                [
-                    "variant",
-                    "attack",
-                    "global_accuracy",
-                    "sent_accuracy",
-                    "sent_sparsity",
-                    "rouge1_lamp",
-                    "rouge2_lamp",
-                    "token_acc",
-                    "attack_seconds",
-                ],
-            )
-        )
-        parts.append(f"\nProvenance: {_bench.provenance(_stamped(frame))}.\n")
+        parts.append(_federated(pd.read_csv(fed)))
     parts.append(CAVEATS)
     parts.append(f"\nMachine: 2 cores shared with ~10 other jobs (load {_bench.load_average()}).\n")
     text = "\n".join(parts)
@@ -177,18 +157,19 @@ def _oneshot(frame: pd.DataFrame) -> str:
             ],
         )
     )
-    gaps = []
-    for sparsity, cell in main[main["sparsity"] >= 50].groupby("sparsity"):
-        aua = cell.set_index("method")["aua"]
-        if {"krp", "sparsegpt", "magnitude"} <= set(aua.index):
-            gap = aua["krp"] - max(aua["sparsegpt"], aua["magnitude"])
-            gaps.append(f"{sparsity} %: {gap:+.1f}")
-    if gaps:
-        text.append(
-            "\nKRP's accuracy under attack minus the better of SparseGPT and magnitude: "
-            + ", ".join(gaps)
-            + " points.\n"
-        )
+    for krp in ("krp", "krp_obc"):
+        gaps = []
+        for sparsity, cell in main[main["sparsity"] >= 50].groupby("sparsity"):
+            aua = cell.set_index("method")["aua"]
+            if {krp, "sparsegpt", "magnitude"} <= set(aua.index):
+                gap = aua[krp] - max(aua["sparsegpt"], aua["magnitude"])
+                gaps.append(f"{sparsity} %: {gap:+.1f}")
+        if gaps:
+            text.append(
+                f"\n`{krp}`'s accuracy under attack minus the better of SparseGPT and magnitude: "
+                + ", ".join(gaps)
+                + " points.\n"
+            )
     text.append(f"\nProvenance: {_bench.provenance(_stamped(main))}.\n")
     earlier = frame[frame["attacked"] < n]
     for m, run in earlier.groupby("attacked"):
@@ -270,6 +251,67 @@ def _randomized(frame: pd.DataFrame) -> str:
                 "distance_mean",
                 "heldout",
                 "dev_accuracy",
+            ],
+        )
+    )
+    text.append(f"\nProvenance: {_bench.provenance(_stamped(frame))}.\n")
+    return "\n".join(text)
+
+
+def _federated(frame: pd.DataFrame) -> str:
+    """Part (c): the mean and spread over seeds per (variant, attack), then every run."""
+    seeds = frame["seed"].nunique()
+    text = ["\n## (c) Pruning before sending as a defense (federated run)\n", C_SETTINGS]
+    metrics = ["global_accuracy", "sent_sparsity", "rouge1_lamp", "rouge2_lamp", "token_acc"]
+    order = {v: i for i, v in enumerate(frame["variant"].unique())}
+    summary = (
+        frame.groupby(["attack", "variant"])[metrics]
+        .agg(["mean", lambda x: x.std(ddof=0)])
+        .reset_index()
+    )
+    summary.columns = [
+        f"{a}_{'std' if b == '<lambda_0>' else b}" if b else a for a, b in summary.columns
+    ]
+    summary = summary.sort_values(
+        ["attack", "variant"], key=lambda c: c.map(order) if c.name == "variant" else c
+    )
+    summary["seeds"] = str(seeds)
+    text.append(f"Mean and spread (std) over {seeds} seed(s), one attacked client each:\n")
+    text.append(
+        _table(
+            summary,
+            [
+                "attack",
+                "variant",
+                "seeds",
+                "global_accuracy_mean",
+                "sent_sparsity_mean",
+                "rouge1_lamp_mean",
+                "rouge1_lamp_std",
+                "rouge2_lamp_mean",
+                "rouge2_lamp_std",
+                "token_acc_mean",
+                "token_acc_std",
+            ],
+        )
+    )
+    text.append("\nEvery run:\n")
+    text.append(
+        _table(
+            frame.sort_values(
+                ["seed", "variant"], key=lambda c: c.map(order) if c.name == "variant" else c
+            ),
+            [
+                "variant",
+                "seed",
+                "attack",
+                "global_accuracy",
+                "sent_accuracy",
+                "sent_sparsity",
+                "rouge1_lamp",
+                "rouge2_lamp",
+                "token_acc",
+                "attack_seconds",
             ],
         )
     )
