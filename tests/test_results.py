@@ -159,6 +159,18 @@ def test_literature_verdict_checks_that_settings_targets(monkeypatch, data_root)
     assert all(line in page for line in lines)
 
 
+def test_committed_robust_pruning_page_regenerates_from_its_runs(tmp_path, monkeypatch):
+    """Every table and verdict line of the page from the three runs files (the last line states
+    the machine's load when the page was written)."""
+    page = _script("robust_pruning/page", monkeypatch)
+    committed = COMMITTED / "robust_pruning"
+    for runs in committed.glob("*_runs.csv"):
+        shutil.copy(runs, tmp_path / runs.name)
+    text = page.write_page(tmp_path)
+    assert text.splitlines()[:-1] == (committed / "robust_pruning.md").read_text().splitlines()[:-1]
+    assert "randomized minus deterministic dev accuracy per seed" in text
+
+
 def test_committed_text_tables_regenerate_from_their_runs(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     script = _script("text_attacks", monkeypatch)
