@@ -87,9 +87,10 @@ CAVEATS = """
   substitutions change the true sentiment: Asr overstates a human-valid attack the same way for
   every method.  The cap (5 words, 30 %) is tighter than TextFooler's (none).
 * KRP's solver: the rows `krp` use SparseGPT's solver after the refit, so the KRP-vs-SparseGPT
-  difference is exactly the refit to the dense outputs plus the per-layer Hessian; `krp_obc`
-  (where present) is KRP with the authors' exact OBC (one weight at a time per row, 32 rows in
-  parallel; its cost grows like d^3 per row, so the 1,536-input output layers dominate).
+  difference is exactly the refit to the dense outputs plus the per-layer Hessian.  `krp_obc`
+  (KRP with the authors' exact OBC: one weight at a time per row, 32 rows in parallel; its cost
+  grows like d^3 per row, so the 1,536-input output layers dominate) was started at 50 % and
+  stopped unfinished after 105 CPU-minutes on a quiet core, so it has no row.
 * Randomized masks in (b) at CPU budgets: 3 candidates per stage (the authors' scripts: 8),
   early evaluation of 8 or 16 distillation steps (theirs: one epoch, scored by the mean of the
   last ten evaluations), logits only in the distillation (theirs: hidden states and attention

@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=["krp", "krp_obc", "sparsegpt", "magnitude"],
         default=["krp", "sparsegpt", "magnitude"],
-        help="part (a)'s methods (krp_obc: KRP with exact OBC, ~45 CPU-min at 50 %%)",
+        help="part (a)'s methods (krp_obc: KRP with exact OBC, > 105 CPU-min at 50 %%)",
     )
     parser.add_argument("--schedule", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--candidates", type=int, default=3)
