@@ -281,18 +281,17 @@ def _federated(frame: pd.DataFrame) -> str:
     seeds = frame["seed"].nunique()
     text = ["\n## (c) Pruning before sending as a defense (federated run)\n", C_SETTINGS]
     metrics = ["global_accuracy", "sent_sparsity", "rouge1_lamp", "rouge2_lamp", "token_acc"]
-    order = {v: i for i, v in enumerate(frame["variant"].unique())}
+    # Variants in the order the runs file first holds them (dense first), in every table.
+    variants = frame["variant"].unique()
+    frame["variant"] = pd.Categorical(frame["variant"], variants, ordered=True)
     summary = (
-        frame.groupby(["attack", "variant"])[metrics]
+        frame.groupby(["attack", "variant"], observed=True)[metrics]
         .agg(["mean", lambda x: x.std(ddof=0)])
         .reset_index()
     )
     summary.columns = [
         f"{a}_{'std' if b == '<lambda_0>' else b}" if b else a for a, b in summary.columns
     ]
-    summary = summary.sort_values(
-        ["attack", "variant"], key=lambda c: c.map(order) if c.name == "variant" else c
-    )
     summary["seeds"] = str(seeds)
     text.append(f"Mean and spread (std) over {seeds} seed(s), one attacked client each:\n")
     text.append(
@@ -314,25 +313,8 @@ def _federated(frame: pd.DataFrame) -> str:
         )
     )
     text.append("\nEvery run:\n")
-    text.append(
-        _table(
-            frame.sort_values(
-                ["seed", "variant"], key=lambda c: c.map(order) if c.name == "variant" else c
-            ),
-            [
-                "variant",
-                "seed",
-                "attack",
-                "global_accuracy",
-                "sent_accuracy",
-                "sent_sparsity",
-                "rouge1_lamp",
-                "rouge2_lamp",
-                "token_acc",
-                "attack_seconds",
-            ],
-        )
-    )
+    columns = [c for c in frame.columns if c not in _bench.STAMP]
+    text.append(_table(frame.sort_values(["seed", "variant"]), columns))
     text.append(f"\nProvenance: {_bench.provenance(_stamped(frame))}.\n")
     return "\n".join(text)
 
